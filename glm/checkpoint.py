@@ -1,0 +1,201 @@
+"""The original checkpoint layout: reading, writing and loading a model from it.
+
+    <folder>/latest                              the iteration tag, e.g. "49300" or "release"
+    <folder>/<tag>/mp_rank_XX_model_states.pt    torch.save({"module": state_dict}) per tensor-parallel rank
+    <folder>/model_config.json                   written by this project: model shape, tokenizer, TP size
+    <folder>/<tokenizer file>                    written by this project
+
+Files are read with `weights_only=True`; the only non-tensor objects allowed are those SAT itself stores
+beside the weights (an argparse Namespace and NumPy RNG state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from glm.config import GLMConfig
+from glm.sharding import merge_state_dicts, split_rule, split_state_dict
+from glm.tokenizer import GLMTokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "model_config.json"
+_SHARD = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the file and the fix."""
+
+
+def _safe_globals() -> list[Any]:
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    core = getattr(np, "_core", None) or np.core
+    allowed += [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
+    return allowed
+
+
+def read_tag(folder: Path) -> str:
+    latest = folder / "latest"
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not latest.is_file():
+        raise CheckpointError(
+            f"{latest} is missing: a checkpoint folder holds a 'latest' file naming its iteration folder"
+        )
+    tag = latest.read_text().strip()  # the original did not strip, so a trailing newline broke its paths
+    if not tag or not (folder / tag).is_dir():
+        raise CheckpointError(f"{latest} names iteration '{tag}' but {folder / tag} is not a folder")
+    return tag
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    """The rank files of a checkpoint, in rank order; checks none is missing."""
+    iteration = folder / read_tag(folder)
+    ranks = {}
+    for path in iteration.iterdir():
+        match = _SHARD.fullmatch(path.name)
+        if match:
+            ranks[int(match.group(1))] = path
+    if not ranks:
+        raise CheckpointError(f"{iteration} holds no mp_rank_XX_model_states.pt files")
+    missing = [r for r in range(max(ranks) + 1) if r not in ranks]
+    if missing:
+        raise CheckpointError(
+            f"{iteration} lacks the shard for rank(s) {missing}: found {len(ranks)} of {max(ranks) + 1} files"
+        )
+    return [ranks[r] for r in range(len(ranks))]
+
+
+def load_shard(path: Path) -> dict[str, Tensor]:
+    """The state dict of one rank file (memory-mapped where the format allows)."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # torch raises several types for damaged or hostile files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint shard {path}: {first_line} "
+            "(the file is truncated, corrupt or holds objects other than weights; "
+            "re-download or re-convert it)"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("module"), dict):
+        raise CheckpointError(f"{path} has no 'module' state dict: not a checkpoint in the original layout")
+    return data["module"]
+
+
+def read_metadata(folder: Path) -> dict[str, Any] | None:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {meta['format_version']}; upgrade this project")
+    if meta.get("quantization_bit_width"):
+        raise CheckpointError(f"{path}: quantized checkpoints are not supported by this loader")
+    return meta
+
+
+def load_state_dict(folder: str | Path) -> tuple[dict[str, Tensor], int]:
+    """The full (unsharded) state dict of a checkpoint and the tensor-parallel size it was saved with."""
+    folder = Path(folder)
+    paths = shard_paths(folder)
+    shards = [load_shard(p) for p in paths]
+    for path, shard in zip(paths, shards, strict=True):
+        for key in shard:
+            try:
+                split_rule(key)
+            except KeyError:
+                hint = " (a quantized checkpoint?)" if key.endswith("_scale") else ""
+                raise CheckpointError(f"{path}: unexpected key '{key}'{hint}") from None
+    try:
+        return merge_state_dicts(shards), len(shards)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: cannot merge the {len(shards)} shards: {e}") from None
+
+
+def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
+    """Every expected key present with its expected shape, and nothing else."""
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing keys {', '.join(missing[:3])}{more}")
+    for key, tensor in state_dict.items():
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected key '{key}'")
+        if tensor.shape != expected[key]:
+            raise CheckpointError(
+                f"{source}: '{key}' has shape {tuple(tensor.shape)} but the model config needs "
+                f"{tuple(expected[key])} (wrong config, or a shard of another tensor-parallel size?)"
+            )
+
+
+def save_checkpoint(
+    state_dict: dict[str, Tensor],
+    folder: str | Path,
+    config: GLMConfig,
+    tokenizer: GLMTokenizer | None = None,
+    tensor_parallel_size: int = 1,
+    tag: str = "release",
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint in the original layout plus model_config.json and the tokenizer file.
+
+    Written into a temporary folder beside `folder` and renamed at the end, so a failure leaves nothing.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise CheckpointError(f"{folder} already exists; choose another output folder or remove it")
+    if config.num_attention_heads % tensor_parallel_size:
+        raise CheckpointError(
+            f"tensor-parallel size {tensor_parallel_size} does not divide the "
+            f"{config.num_attention_heads} attention heads"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / tag).mkdir()
+        shards = split_state_dict(state_dict, tensor_parallel_size)
+        for rank, shard in enumerate(shards):
+            torch.save({"module": shard}, tmp / tag / f"mp_rank_{rank:02d}_model_states.pt")
+        (tmp / "latest").write_text(tag)
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model": config.to_dict(),
+            "tensor_parallel_size": tensor_parallel_size,
+            "dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch."),
+            "quantization_bit_width": None,
+        }
+        if tokenizer is not None:
+            meta["tokenizer"] = tokenizer.to_config()
+            if tokenizer.kind != "icetk":  # icetk's model file is the user's own copy, not ours to ship
+                shutil.copyfile(tokenizer.model_file, tmp / meta["tokenizer"]["file"])
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

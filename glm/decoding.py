@@ -1,0 +1,131 @@
+"""Batched incremental decoding with a static KV cache: one prefill, then one token per step.
+
+The inputs follow GLM-130B's blank infilling: the context (ending in `sop`) is bidirectional except for
+`sop`, which with everything generated after it is causal; positions are linear for `[gMASK]` and all equal
+to the mask's position from `sop` on for `[MASK]`/`[sMASK]`. Batches are right-padded as in the original
+(`evaluation/model.py::batch_filling_sequence`), and every sample gets its own positions and mask, so a batch
+gives each sample the logits it would get alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from glm.model import GLM
+
+PAD_TOKEN = 0  # the original pads batches with token 0
+
+
+@dataclass
+class GenerationInputs:
+    tokens: Tensor  # [B, P] right-padded contexts, P = longest context
+    position_ids: Tensor  # [B, T], T = P + max_gen_length
+    attention_mask: Tensor  # [B, 1, T, T] bool, True = masked
+    context_lengths: Tensor  # [B]
+
+
+def build_inputs(
+    contexts: Sequence[Sequence[int]],
+    max_gen_length: int,
+    mask_positions: Sequence[int | None],
+    device: torch.device | str = "cpu",
+) -> GenerationInputs:
+    """Tokens, positions and masks for contexts that each end in `sop`.
+
+    mask_positions[i] is the index of the `[MASK]`/`[sMASK]` being filled, or None for `[gMASK]`.
+    """
+    if not contexts or any(len(c) == 0 for c in contexts):
+        raise ValueError("every context needs at least the sop token")
+    batch = len(contexts)
+    lengths = torch.tensor([len(c) for c in contexts])
+    padded = int(lengths.max())
+    total = padded + max_gen_length
+    tokens = torch.full((batch, padded), PAD_TOKEN, dtype=torch.long)
+    position_ids = torch.zeros(batch, total, dtype=torch.long)
+    visible = torch.zeros(batch, total, total, dtype=torch.bool)
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    generated = torch.arange(max_gen_length)
+    for i, (context, mask_position) in enumerate(zip(contexts, mask_positions, strict=True)):
+        n = len(context)
+        tokens[i, :n] = torch.tensor(context)
+        position_ids[i, :n] = torch.arange(n)
+        if mask_position is None:  # [gMASK]: positions continue after sop
+            position_ids[i, padded:] = n + generated
+        else:  # [MASK]/[sMASK]: sop and the whole span take the mask's position
+            position_ids[i, n - 1] = mask_position
+            position_ids[i, padded:] = mask_position
+        visible[i, :, : n - 1] = True  # the context before sop, seen by every row
+        visible[i, n - 1 :, n - 1] = True  # sop, seen causally
+        visible[i, padded:, padded:] = causal[padded:, padded:]  # generated tokens, causal
+    return GenerationInputs(
+        tokens.to(device),
+        position_ids.to(device),
+        (~visible)[:, None].to(device),
+        lengths.to(device),
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: GLM,
+    contexts: Sequence[Sequence[int]],
+    strategy,
+    max_gen_length: int,
+    mask_positions: Sequence[int | None] | None = None,
+    on_step: Callable[[Tensor], None] | None = None,
+) -> list[list[list[int]]]:
+    """Generate up to max_gen_length tokens after each context (each ending in `sop`).
+
+    `strategy` is a BaseStrategy or BeamSearchStrategy (glm.strategies). `on_step` receives the generated
+    tokens so far, [B, beams, g], after every step (for streaming). Returns, per context, its output beams
+    best first: the context followed by the generated tokens (an end token, if produced, included).
+    """
+    if max_gen_length < 1:
+        raise ValueError(f"max_gen_length must be at least 1, got {max_gen_length}")
+    if mask_positions is None:
+        mask_positions = [None] * len(contexts)
+    device = model.device
+    inputs = build_inputs(contexts, max_gen_length, mask_positions, device)
+    batch, padded = inputs.tokens.shape
+    total = padded + max_gen_length
+    cache = model.new_cache(batch * strategy.num_beams, total)
+
+    # Prefill the whole padded context; each sample's next-token logits sit at its own sop.
+    logits = model(
+        inputs.tokens,
+        inputs.position_ids[:, :padded],
+        inputs.attention_mask[:, :, :padded, :padded],
+        cache,
+        logits_at=(inputs.context_lengths - 1)[:, None],
+    )  # [B, 1, V]
+    tokens = inputs.tokens[:, None, :]  # [B, 1, P]
+    rows = torch.arange(batch, device=device)  # sample of each cache row
+    for column in range(padded, total):
+        if column > padded:
+            last = tokens[:, :, -1].reshape(-1, 1).clamp(min=0)  # finished rows hold -1; feed anything
+            logits = model(
+                last,
+                inputs.position_ids[rows, column - 1 : column],
+                inputs.attention_mask[rows, :, column - 1 : column, :column],
+                cache,
+            )  # [B*beams, 1, V]
+        beams_before = tokens.shape[1]
+        tokens, source = strategy.forward(logits.view(batch, beams_before, -1), tokens)
+        beams = tokens.shape[1]
+        if source is not None:
+            offsets = torch.arange(batch, device=device)[:, None] * beams_before
+            cache.reorder((offsets + source.to(device)).flatten())
+        rows = torch.arange(batch, device=device).repeat_interleave(beams)
+        if on_step is not None:
+            on_step(tokens[:, :, padded:])
+        if strategy.is_done:
+            break
+
+    outputs = strategy.finalize(tokens)
+    lengths = inputs.context_lengths.tolist()
+    # Drop each sample's padding between its context and the generated tokens.
+    return [[beam[:n] + beam[padded:] for beam in beams] for beams, n in zip(outputs, lengths, strict=True)]

@@ -1,0 +1,225 @@
+"""The GLM-130B architecture in plain PyTorch.
+
+Post-LN DeepNorm blocks, 1-D rotary embeddings on the whole head (half-split layout), per-head [q|k|v]
+projections, fp32 softmax with query-key layer scaling, GeGLU, a final LayerNorm and an output layer tied
+to the word embeddings. Module names equal the original checkpoint's keys, so its state dicts load as they
+are. The model knows nothing of ranks, devices or quantization: those are transforms applied to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glm.config import GLMConfig
+
+# The original fills masked attention scores with -10000 (not -inf), so a fully masked row (padding) gets a
+# uniform distribution instead of NaN.
+MASKED_SCORE = -10000.0
+
+
+class KVCache:
+    """Static key/value buffers for every layer, allocated once and written by position.
+
+    Keys are stored after rotary. Rows are batch entries (beams included); `length` tokens are cached.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [b, nh, s, hn] after the cached tokens; return all keys and values so far."""
+        b, s = k.shape[0], k.shape[2]
+        end = self.length + s
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; {end} requested")
+        self.k[layer, :b, :, self.length : end] = k
+        self.v[layer, :b, :, self.length : end] = v
+        return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Make row i hold what row rows[i] held (beam search), for the first len(rows) rows."""
+        n = rows.numel()
+        self.k[:, :n, :, : self.length] = self.k[:, rows, :, : self.length]
+        self.v[:, :n, :, : self.length] = self.v[:, rows, :, : self.length]
+
+
+def rotary_tables(
+    position_ids: Tensor, head_dim: int, base: float, fp16_tables: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin [b, s, 1, hn] for arbitrary per-token positions (GPT-NeoX half-split layout)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    if fp16_tables:  # SAT 0.2.12: positions, frequencies and their product in fp16
+        angles = (position_ids.half()[..., None] * inv_freq.half()).float()
+    else:
+        angles = position_ids.float()[..., None] * inv_freq  # [b, s, hn/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [b, s, 1, hn]
+    cos, sin = angles.cos(), angles.sin()
+    if fp16_tables:
+        cos, sin = cos.half(), sin.half()
+    return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int) -> None:
+        super().__init__()
+        # Heads held by this module; a tensor-parallel transform lowers it when it shards the weights.
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.layer_id = layer_id
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+        b, s, _ = x.shape
+        nh, hn = self.num_heads, self.head_dim
+        qkv = self.query_key_value(x).view(b, s, nh, 3 * hn)  # per head [q|k|v]
+        q, k, v = qkv.split(hn, dim=-1)  # each [b, s, nh, hn]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, nh, s, hn]
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # [b, nh, t, hn]
+        # Query-key layer scaling: divide by c before the product, multiply back in fp32 for the softmax.
+        c = self.layer_id + 1
+        scores = torch.matmul(q / (math.sqrt(hn) * c), k.transpose(-1, -2))  # [b, nh, s, t]
+        scores = scores.masked_fill(mask, MASKED_SCORE)
+        probs = torch.softmax(scores.float() * c, dim=-1).to(v.dtype)
+        context = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, nh * hn)
+        return self.dense(context)
+
+
+class GeGLU(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)  # first half linear, second half gated
+        return self.dense_4h_to_h(value * F.gelu(gate))
+
+
+class GLMBlock(nn.Module):
+    """DeepNorm post-LN block: the residual is taken from the normalised input, scaled by alpha."""
+
+    def __init__(self, config: GLMConfig, layer_id: int) -> None:
+        super().__init__()
+        self.alpha = config.deepnorm_alpha
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_id)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = GeGLU(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+        a = self.input_layernorm(x)
+        h = self.alpha * a + self.attention(a, cos, sin, mask, cache)
+        m = self.post_attention_layernorm(h)
+        return self.alpha * m + self.mlp(m)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class GLM(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.word_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embeddings.weight.device
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        attention = self.transformer.layers[0].attention
+        return KVCache(
+            len(self.transformer.layers),
+            batch_size,
+            attention.num_heads,
+            max_length,
+            attention.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor,
+        cache: KVCache | None = None,
+        logits_at: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [b, s, vocab] for input_ids and position_ids [b, s].
+
+        attention_mask is bool [b or 1, 1, s, t], True = masked, where t = s plus the tokens already in
+        `cache` (which this call extends by s). `logits_at` [b, k] selects the positions whose logits are
+        computed, giving [b, k, vocab] (the output layer is the largest matmul at long prompts).
+        """
+        if attention_mask.dtype != torch.bool:
+            raise TypeError("attention_mask must be bool, True = masked")
+        x = self.transformer.word_embeddings(input_ids)  # [b, s, h]
+        cos, sin = rotary_tables(
+            position_ids,
+            self.config.head_dim,
+            self.config.rotary_base,
+            self.config.rotary_fp16_tables,
+            x.dtype,
+        )
+        for layer in self.transformer.layers:
+            x = layer(x, cos, sin, attention_mask, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # [b, k, h]
+        x = self.transformer.final_layernorm(x)
+        return F.linear(x, self.transformer.word_embeddings.weight)
+
+
+def init_random_weights(model: GLM, seed: int = 0, std: float = 0.02) -> GLM:
+    """Fill every parameter deterministically (for benchmarks and untrained models)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                values = torch.randn(param.shape, generator=generator) * std
+                param.copy_(values.to(param.dtype))
+    return model

@@ -1,0 +1,125 @@
+"""How each checkpoint tensor is split across tensor-parallel ranks, and merging/splitting by those rules.
+
+The rules are those of the original `tools/convert_tp.py`: vocabulary rows and column-parallel outputs on
+dim 0 (the per-head [q|k|v] layout makes a contiguous split a split by heads), row-parallel inputs on dim 1,
+`dense_h_to_4h` split within each GeGLU half, and LayerNorms and row-parallel biases replicated.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+
+class Split(enum.Enum):
+    REPLICATED = "replicated"
+    ROWS = "dim 0"
+    COLUMNS = "dim 1"
+    GLU_ROWS = "dim 0 within each GeGLU half"
+    IGNORED = "ignored"
+
+
+_RULES = {
+    "word_embeddings.weight": Split.ROWS,
+    "input_layernorm.weight": Split.REPLICATED,
+    "input_layernorm.bias": Split.REPLICATED,
+    "attention.query_key_value.weight": Split.ROWS,
+    "attention.query_key_value.bias": Split.ROWS,
+    "attention.dense.weight": Split.COLUMNS,
+    "attention.dense.bias": Split.REPLICATED,
+    "post_attention_layernorm.weight": Split.REPLICATED,
+    "post_attention_layernorm.bias": Split.REPLICATED,
+    "mlp.dense_h_to_4h.weight": Split.GLU_ROWS,
+    "mlp.dense_h_to_4h.bias": Split.GLU_ROWS,
+    "mlp.dense_4h_to_h.weight": Split.COLUMNS,
+    "mlp.dense_4h_to_h.bias": Split.REPLICATED,
+    "final_layernorm.weight": Split.REPLICATED,
+    "final_layernorm.bias": Split.REPLICATED,
+    # Rotary frequencies are recomputed, never loaded (SAT's loader ignores them too).
+    "attention.rotary_emb.inv_freq": Split.IGNORED,
+    "rotary_emb.inv_freq": Split.IGNORED,
+}
+
+
+def split_rule(key: str) -> Split:
+    """The rule for a full checkpoint key such as `transformer.layers.3.mlp.dense_h_to_4h.weight`."""
+    parts = key.split(".")
+    if parts[0] == "mixins" and key.endswith("rotary_emb.inv_freq"):
+        return Split.IGNORED
+    short = ".".join(parts[3:] if parts[:2] == ["transformer", "layers"] else parts[1:])
+    if parts[0] != "transformer" or short not in _RULES:
+        raise KeyError(f"unknown checkpoint key '{key}'")
+    return _RULES[short]
+
+
+def _check_divisible(key: str, size: int, parts: int) -> None:
+    if size % parts:
+        raise ValueError(f"{key}: size {size} is not divisible by tensor-parallel size {parts}")
+
+
+def split_tensor(key: str, tensor: Tensor, parts: int) -> list[Tensor]:
+    """Split one full tensor into `parts` rank shards (clones, so a shard saves without the whole storage)."""
+    rule = split_rule(key)
+    if rule is Split.REPLICATED:
+        return [tensor.clone() for _ in range(parts)]
+    if rule is Split.COLUMNS:
+        _check_divisible(key, tensor.shape[1], parts)
+        return [t.clone() for t in tensor.chunk(parts, dim=1)]
+    if rule is Split.ROWS:
+        _check_divisible(key, tensor.shape[0], parts)
+        return [t.clone() for t in tensor.chunk(parts, dim=0)]
+    if rule is Split.GLU_ROWS:
+        _check_divisible(key, tensor.shape[0], 2 * parts)
+        value, gate = tensor.chunk(2, dim=0)
+        return [torch.cat([v, g]) for v, g in zip(value.chunk(parts), gate.chunk(parts), strict=True)]
+    raise ValueError(f"{key} is not a model weight and cannot be split")
+
+
+def merge_tensors(key: str, shards: list[Tensor]) -> Tensor:
+    """Inverse of split_tensor."""
+    rule = split_rule(key)
+    if rule is Split.REPLICATED:
+        for i, shard in enumerate(shards[1:], start=1):
+            if shard.shape != shards[0].shape:
+                raise ValueError(
+                    f"{key}: replicated tensor has shape {tuple(shard.shape)} on rank {i} "
+                    f"but {tuple(shards[0].shape)} on rank 0"
+                )
+        return shards[0]
+    dim = 1 if rule is Split.COLUMNS else 0
+    for i, shard in enumerate(shards):
+        other = [s for d, s in enumerate(shard.shape) if d != dim]
+        first = [s for d, s in enumerate(shards[0].shape) if d != dim]
+        if other != first:
+            raise ValueError(
+                f"{key}: shard shapes differ across ranks ({tuple(shards[0].shape)} on rank 0, "
+                f"{tuple(shard.shape)} on rank {i})"
+            )
+    if rule is Split.GLU_ROWS:
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    return torch.cat(shards, dim=dim)
+
+
+def merge_state_dicts(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Merge rank state dicts (rank order) into one; ignored keys are dropped."""
+    keys = list(shards[0])
+    for rank, shard in enumerate(shards[1:], start=1):
+        if set(shard) != set(keys):
+            diff = sorted(set(shard) ^ set(keys))
+            raise ValueError(f"rank {rank} holds different keys than rank 0: {', '.join(diff[:5])}")
+    kept = [key for key in keys if split_rule(key) is not Split.IGNORED]
+    return {key: merge_tensors(key, [s[key] for s in shards]) for key in kept}
+
+
+def split_state_dict(state_dict: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
+    """Split a full state dict into `parts` rank state dicts; ignored keys are dropped."""
+    shards: list[dict[str, Tensor]] = [{} for _ in range(parts)]
+    for key, tensor in state_dict.items():
+        if split_rule(key) is Split.IGNORED:
+            continue
+        for shard, piece in zip(shards, split_tensor(key, tensor, parts), strict=True):
+            shard[key] = piece
+    return shards

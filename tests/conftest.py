@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from glm.config import GLMConfig, get_preset
+from glm.loading import load_model
+from glm.model import GLM
+
+SAT_TINY = Path(__file__).parent / "data" / "sat_tiny"
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    """Outputs of the original implementation (SwissArmyTransformer 0.4.12) on the sat_tiny checkpoint."""
+    return torch.load(SAT_TINY / "reference_outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def sat_tiny() -> GLM:
+    model, _ = load_model(SAT_TINY / "ckpt", config=get_preset("sat-tiny"))
+    return model
+
+
+def tiny_config(**overrides) -> GLMConfig:
+    values = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        inner_hidden_size=48,
+        vocab_size=64,
+        max_sequence_length=64,
+    )
+    return GLMConfig(**{**values, **overrides})
