@@ -72,10 +72,13 @@ def shard_paths(folder: Path) -> list[Path]:
             ranks[int(match.group(1))] = path
     if not ranks:
         raise CheckpointError(f"{iteration} holds no mp_rank_XX_model_states.pt files")
-    missing = [r for r in range(max(ranks) + 1) if r not in ranks]
+    # The last rank's absence is only visible from the TP size recorded in model_config.json, if any.
+    meta = read_metadata(folder) or {}
+    size = max(max(ranks) + 1, meta.get("tensor_parallel_size") or 0)
+    missing = [r for r in range(size) if r not in ranks]
     if missing:
         raise CheckpointError(
-            f"{iteration} lacks the shard for rank(s) {missing}: found {len(ranks)} of {max(ranks) + 1} files"
+            f"{iteration} lacks the shard for rank(s) {missing}: found {len(ranks)} of {size} files"
         )
     return [ranks[r] for r in range(len(ranks))]
 
@@ -192,6 +195,7 @@ def save_checkpoint(
             if tokenizer.kind != "icetk":  # icetk's model file is the user's own copy, not ours to ship
                 shutil.copyfile(tokenizer.model_file, tmp / meta["tokenizer"]["file"])
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.chmod(0o755)  # mkdtemp creates it private
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

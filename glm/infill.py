@@ -189,7 +189,7 @@ def _streamer(tokenizer: GLMTokenizer, end_tokens: list[int], on_text: Callable[
     def on_step(generated) -> None:
         nonlocal shown
         ids = [t for t in generated[0, 0].tolist() if t >= 0 and t not in end_tokens]
-        text = tokenizer.detokenize(ids)
+        text = tokenizer.detokenize(ids).rstrip("\ufffd")  # hold back a character whose bytes are incomplete
         if text.startswith(shown) and len(text) > len(shown):
             on_text(text[len(shown) :])
             shown = text

@@ -47,7 +47,9 @@ def load_model(
     """
     folder = Path(folder)
     device = torch.device(device)
-    meta = read_metadata(folder) if folder.is_dir() else None
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    meta = read_metadata(folder)
     if config is None:
         if meta is None:
             raise CheckpointError(

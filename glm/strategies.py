@@ -246,7 +246,7 @@ class BeamSearchStrategy:
                 if score == NEG_INF:
                     break  # sorted: only masked candidates and dead beams remain
                 if not self._done[b] and tok in self.end_tokens:
-                    self._add_end_beams(score, tokens[b, src].tolist() + [tok], b)
+                    self._add_end_beams(score, [*tokens[b, src].tolist(), tok], b)
                 elif len(kept) < self.num_beams:
                     kept.append((src, tok, score))
                 else:
@@ -300,7 +300,9 @@ class BeamSearchStrategy:
         """
         batch, beams, _ = tokens.shape
         seqs = tokens.tolist()  # [B][nb][L]
-        scores = [[0.0] * beams] * batch if self.cached_beam_scores is None else self.cached_beam_scores.tolist()
+        scores = (
+            [[0.0] * beams] * batch if self.cached_beam_scores is None else self.cached_beam_scores.tolist()
+        )
         out = []
         for b in range(batch):
             live = sorted((i for i in range(beams) if scores[b][i] > NEG_INF), key=lambda i: -scores[b][i])

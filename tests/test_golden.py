@@ -27,7 +27,8 @@ def test_full_forward_matches_reference(sat_tiny, reference):
 
 def test_hidden_states_match_reference(sat_tiny, reference):
     outputs = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o)) for layer in sat_tiny.transformer.layers]
+    layers = sat_tiny.transformer.layers
+    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o)) for layer in layers]
     try:
         forward_full(sat_tiny, reference)
     finally:
@@ -54,7 +55,8 @@ def test_incremental_logits_match_reference(sat_tiny, reference):
     with torch.no_grad():
         sat_tiny(tokens[:, :7], positions[:, :7], mask[:, :, :7, :7], cache)
         for i in range(7, 12):
-            steps.append(sat_tiny(tokens[:, i : i + 1], positions[:, i : i + 1], mask[:, :, i : i + 1, : i + 1], cache))
+            step = slice(i, i + 1)
+            steps.append(sat_tiny(tokens[:, step], positions[:, step], mask[:, :, step, : i + 1], cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), reference["logits_incremental"], atol=1e-4, rtol=0)
 
 
@@ -69,7 +71,8 @@ def test_sharded_checkpoints_load_to_the_same_logits(sat_tiny, reference, tmp_pa
     expected = forward_full(sat_tiny, reference)
     config = get_preset("sat-tiny")
     for parts in (2, 4):
-        folder = save_checkpoint(sat_tiny.state_dict(), tmp_path / f"tp{parts}", config, tensor_parallel_size=parts)
+        folder = tmp_path / f"tp{parts}"
+        save_checkpoint(sat_tiny.state_dict(), folder, config, tensor_parallel_size=parts)
         shards = sorted((folder / "release").iterdir())
         assert len(shards) == parts
         shard = torch.load(shards[0], weights_only=True)["module"]

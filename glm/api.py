@@ -1,0 +1,57 @@
+"""The one-call loader shared by the CLI, the evaluator and users."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glm.config import PRESETS, GLMConfig, get_preset
+from glm.loading import load_model
+from glm.model import GLM
+from glm.tokenizer import GLMTokenizer
+
+# The model `scripts/generate.sh` runs when no checkpoint is given.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "glm-tiny-untrained"
+
+
+def resolve_config(config: str | Path | GLMConfig | None) -> GLMConfig | None:
+    """A preset name, a JSON file, or a GLMConfig."""
+    if config is None or isinstance(config, GLMConfig):
+        return config
+    if str(config) in PRESETS:
+        return get_preset(str(config))
+    if not Path(config).is_file():
+        raise ValueError(f"--config {config}: neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    return GLMConfig.from_file(config)
+
+
+def load(
+    checkpoint: str | Path = DEFAULT_MODEL,
+    config: str | Path | GLMConfig | None = None,
+    tokenizer: str | Path | None = None,
+    tokenizer_type: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[GLM, GLMTokenizer]:
+    """Model and tokenizer from a checkpoint folder; config and tokenizer default to those stored with it.
+
+    For the original GLM-130B checkpoint: `load(path, "glm-130b", tokenizer_type="icetk")`.
+    """
+    if tokenizer_type == "icetk":
+        tok = GLMTokenizer.icetk(tokenizer)
+    elif tokenizer is not None:
+        tok = GLMTokenizer.sentencepiece(tokenizer)
+    else:
+        tok = None
+    model, tok = load_model(checkpoint, resolve_config(config), tok, dtype=dtype, device=device)
+    if tok is None:
+        raise ValueError(
+            f"{checkpoint} stores no tokenizer: pass --tokenizer FILE, or --tokenizer-type icetk for GLM-130B"
+        )
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} ids but the model only "
+            f"{model.config.vocab_size} embedding rows"
+        )
+    return model, tok
