@@ -38,11 +38,11 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def build_model(config: GLMConfig, dtype: torch.dtype, device: torch.device) -> GLM:
+def build_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, seed: int) -> GLM:
     with torch.device("meta"):
         model = GLM(config)
     model = model.to(dtype=dtype).to_empty(device=device)
-    return init_random_weights(model).eval()
+    return init_random_weights(model, seed=seed).eval()
 
 
 def weight_bytes(model: GLM) -> int:
@@ -162,10 +162,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, help="override the preset's num_layers (quick runs)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight/activation dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size of encode and decode")
     parser.add_argument(
-        "--encode-lengths", type=int, nargs="*", default=[512, 1024, 2048], help="encode sequence lengths"
+        "--encode-lengths",
+        type=int,
+        nargs="*",
+        default=[512, 1024, 2048],
+        help="encode sequence lengths; none skips the encode",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed encode forwards per length")
     parser.add_argument("--prompt-length", type=int, default=128, help="decode: context prefilled first")
@@ -173,7 +177,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bandwidth-runs", type=int, default=9, help="torch.mv runs; 0 skips the probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the encode masks")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if min(args.repeats, args.prompt_length, args.decode_tokens, args.batch_size, args.threads) < 1:
+        parser.error("--repeats, --prompt-length, --decode-tokens, --batch-size and --threads must be >= 1")
+    return args
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -184,16 +191,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 @torch.no_grad()
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     config = get_preset(args.preset)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
-    torch.manual_seed(args.seed)
     load_start = os.getloadavg()[0]
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, args.seed)
 
     setup = {
         "preset": args.preset,
@@ -222,18 +227,19 @@ def main() -> None:
     bandwidth = memory_bandwidth(device, args.bandwidth_runs) if args.bandwidth_runs > 0 else None
     load_end = os.getloadavg()[0]
 
-    print()
-    encode_rows = [
-        [
-            str(r["seq_len"]),
-            f"{r['median_ms']:.2f}",
-            f"{r['min_ms']:.2f}",
-            f"{r['tokens_per_s']:.1f}",
-            f"{r['gflops_per_s']:.1f}",
+    if encode:
+        print()
+        encode_rows = [
+            [
+                str(r["seq_len"]),
+                f"{r['median_ms']:.2f}",
+                f"{r['min_ms']:.2f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['gflops_per_s']:.1f}",
+            ]
+            for r in encode
         ]
-        for r in encode
-    ]
-    print(markdown_table(["seq len", "median ms", "min ms", "tokens/s", "matmul GFLOP/s"], encode_rows))
+        print(markdown_table(["seq len", "median ms", "min ms", "tokens/s", "matmul GFLOP/s"], encode_rows))
     print()
     header = [
         f"prefill {args.prompt_length} ms",

@@ -143,6 +143,8 @@ def main(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         deterministic=args.deterministic,
     )
+    if args.input_source != "interactive" and not Path(args.input_source).is_file():
+        raise FileNotFoundError(f"--input-source {args.input_source}: no such file (or use 'interactive')")
     model, tokenizer = load(
         args.checkpoint,
         args.config,
@@ -151,6 +153,11 @@ def main(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
     )
+    if options.out_seq_length > model.config.max_sequence_length:
+        raise ValueError(
+            f"--out-seq-length {options.out_seq_length} exceeds the model's maximum sequence length "
+            f"{model.config.max_sequence_length}"
+        )
     torch.manual_seed(args.seed)
     output_path = Path(args.output_path)
     color = sys.stdout.isatty()
@@ -198,8 +205,6 @@ def interactive(model, tokenizer, options, args, output_path, show) -> int:
 
 def from_file(model, tokenizer, options, args, output_path, show) -> int:
     path = Path(args.input_source)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input-source {path}: no such file (or use 'interactive')")
     queries = []
     for n, raw in enumerate(path.read_text().splitlines(), start=1):
         if raw.strip():

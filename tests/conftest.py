@@ -34,3 +34,16 @@ def tiny_config(**overrides) -> GLMConfig:
         max_sequence_length=64,
     )
     return GLMConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small untrained bilingual model with its sentencepiece tokenizer, in the project's format."""
+    from tools.build_untrained_model import main as build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny", vocab_size=600, seed=0, overwrite=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    return load_model(tiny_checkpoint)

@@ -1,0 +1,168 @@
+"""Blank-infilling inputs, cached decoding against full recomputation, batching, and fill_blanks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm.decoding import build_inputs, generate
+from glm.infill import GenerationOptions, fill_blanks, prepare_query
+from glm.strategies import BaseStrategy, BeamSearchStrategy
+
+
+def original_mask(context_length: int, total: int) -> torch.Tensor:
+    """GLM-130B generate.py's get_masks_and_position_ids mask, written as the original does."""
+    m = torch.ones(1, total, total).tril()
+    m[..., : context_length - 1] = 1
+    return (m.unsqueeze(1) < 0.5).bool()
+
+
+def test_inputs_match_the_reference_gmask_example(reference):
+    context = reference["tokens"][0, : reference["context_length"]].tolist()
+    inputs = build_inputs([context], 4, [None])
+    assert torch.equal(inputs.position_ids, reference["position_ids"])
+    assert torch.equal(inputs.attention_mask, reference["attention_mask"])
+
+
+@pytest.mark.parametrize("length,total", [(2, 5), (8, 12), (5, 20)])
+def test_mask_equals_the_original_formula(length, total):
+    inputs = build_inputs([list(range(length))], total - length, [None])
+    assert torch.equal(inputs.attention_mask, original_mask(length, total))
+
+
+def test_mask_positions_take_the_masks_position():
+    # The original's tiny run: a [MASK] at index 3, 7 context tokens, sop, 4 generated tokens.
+    inputs = build_inputs([list(range(8))], 4, [3])
+    assert inputs.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 3, 3, 3, 3]
+    assert torch.equal(inputs.attention_mask, original_mask(8, 12))
+
+
+class Recording(BaseStrategy):
+    """Greedy decoding that keeps the logits it was given."""
+
+    def __init__(self, batch_size: int):
+        super().__init__(batch_size, top_k=1)
+        self.logits = []
+
+    def forward(self, logits, tokens):
+        self.logits.append(logits.clone())
+        return super().forward(logits, tokens)
+
+
+@pytest.mark.parametrize("mask_position", [None, 2])
+def test_cached_decoding_equals_full_recomputation(tiny_model, mask_position):
+    model, _ = tiny_model
+    context = [5, 17, 250, 33, 80, 9, 600]  # ends in "sop" (any id works for this check)
+    strategy = Recording(1)
+    ((output,),) = generate(model, [context], strategy, max_gen_length=6, mask_positions=[mask_position])
+    generated = output[len(context) :]
+    n = len(output) - 1  # the last token was never fed back
+    full = build_inputs([context], n - len(context) + 1, [mask_position])
+    tokens = torch.tensor([output[:n]])
+    with torch.no_grad():
+        logits = model(tokens, full.position_ids[:, :n], full.attention_mask[:, :, :n, :n])
+    expected = logits[0, len(context) - 1 :]  # the logits that predicted each generated token
+    torch.testing.assert_close(torch.cat([s[0] for s in strategy.logits]), expected, atol=1e-5, rtol=0)
+    assert expected.argmax(-1).tolist() == generated
+
+
+def test_batch_gives_each_sample_its_own_result(tiny_model):
+    model, _ = tiny_model
+    contexts = [[7, 8, 9, 600], [11, 12, 13, 14, 15, 16, 17, 600], [3, 600]]
+    mask_positions = [None, 4, 0]
+    batched = generate(model, contexts, BaseStrategy(3, top_k=1), 5, mask_positions)
+    for context, position, result in zip(contexts, mask_positions, batched, strict=True):
+        alone = generate(model, [context], BaseStrategy(1, top_k=1), 5, [position])
+        assert result == alone[0]
+
+
+def generate_without_cache(model, context, strategy, max_gen_length):
+    """Reference decoder: every step recomputes the full forward of every beam, no KV cache."""
+    tokens = torch.tensor([[context]])  # [1, 1, L]
+    for _ in range(max_gen_length):
+        beams, length = tokens.shape[1], tokens.shape[2]
+        inputs = build_inputs([context], length - len(context) + 1, [None])
+        rows = tokens[0].clamp(min=0)
+        with torch.no_grad():
+            logits = model(
+                rows,
+                inputs.position_ids[:, :length].expand(beams, -1),
+                inputs.attention_mask[:, :, :length, :length],
+            )[:, -1]
+        tokens, _ = strategy.forward(logits[None], tokens)
+        if strategy.is_done:
+            break
+    return strategy.finalize(tokens)[0]
+
+
+def test_beam_search_reorders_the_cache_correctly(tiny_model):
+    model, _ = tiny_model
+    context = [20, 30, 40, 50, 600]
+
+    def strategy():
+        return BeamSearchStrategy(1, 3, end_tokens=[601], deterministic=True, no_repeat_ngram_size=2)
+
+    (cached,) = generate(model, [context], strategy(), 6)
+    assert cached == generate_without_cache(model, context, strategy(), 6)
+    assert len(cached) == 3 and len({tuple(b) for b in cached}) == 3
+
+
+def test_prepare_query_follows_the_original(tiny_model):
+    _, tok = tiny_model
+    mask, gmask, smask, eos = (tok.get_command(n) for n in ("[MASK]", "[gMASK]", "[sMASK]", "eos"))
+    query = prepare_query("The river [MASK] the town.", tok)
+    assert query.ids == [*tok.tokenize("The river "), mask, *tok.tokenize(" the town."), eos]
+    assert query.mask_id == mask and not query.use_gmask
+    query = prepare_query("The river runs", tok)  # no mask: [gMASK] appended, no eos
+    assert query.ids == [*tok.tokenize("The river runs"), gmask]
+    assert query.use_gmask
+    query = prepare_query("A [sMASK] B [MASK]", tok)  # [MASK] wins; a text ending in a mask gets no eos
+    assert query.mask_id == mask
+    assert query.ids == [*tok.tokenize("A "), smask, *tok.tokenize(" B "), mask]
+    assert prepare_query("Rain [sMASK]", tok).mask_id == smask
+
+
+def test_fill_blanks_fills_masks_left_to_right(tiny_model):
+    model, tok = tiny_model
+    options = GenerationOptions(top_k=1, top_p=0.0, out_seq_length=40)
+    text = "春天来了，[MASK]开了。The river [MASK] the town."
+    ((answer,),) = fill_blanks(model, tok, [text], options)
+    mask = tok.get_command("[MASK]")
+    assert mask not in answer.ids and len(answer.spans) == 2
+    # The first blank is what greedy decoding gives for the first mask alone.
+    query = prepare_query(text, tok)
+    position = query.ids.index(mask)
+    context = [*query.ids, tok.sop_id]
+    greedy = BaseStrategy(1, top_k=1, end_tokens=tok.end_ids)
+    ((out,),) = generate(model, [context], greedy, 40 - len(context), [position])
+    first = out[len(context) :]
+    if first and first[-1] in tok.end_ids:
+        first = first[:-1]
+    start, end = answer.spans[0]
+    assert answer.ids[start:end] == first
+    assert answer.ids[:start] == query.ids[:position]
+
+
+def test_fill_blanks_batch_equals_one_by_one(tiny_model):
+    model, tok = tiny_model
+    options = GenerationOptions(top_k=1, top_p=0.0, out_seq_length=48)
+    texts = ["The quick brown fox", "北京是[MASK]的首都。", "A [MASK] model fills [MASK] blanks."]
+    batched = fill_blanks(model, tok, texts, options)
+    for text, answers in zip(texts, batched, strict=True):
+        assert [a.ids for a in answers] == [a.ids for a in fill_blanks(model, tok, [text], options)[0]]
+
+
+def test_beam_search_returns_every_beam(tiny_model):
+    model, tok = tiny_model
+    options = GenerationOptions("BeamSearchStrategy", out_seq_length=30, num_beams=3, deterministic=True)
+    (answers,) = fill_blanks(model, tok, ["Good tests [MASK]."], options)
+    assert len(answers) == 3
+
+
+def test_prompts_without_room_are_refused(tiny_model):
+    model, tok = tiny_model
+    long_text = "word " * 60
+    with pytest.raises(ValueError, match="no room"):
+        fill_blanks(model, tok, [long_text], GenerationOptions(out_seq_length=20))
+    with pytest.raises(ValueError, match="maximum sequence length"):
+        fill_blanks(model, tok, ["hi"], GenerationOptions(out_seq_length=100_000))
