@@ -38,6 +38,21 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, this process's CPU seconds, wall seconds); Linux only."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    own = os.times()
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system, time.perf_counter()
+
+
+def other_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Average cores that other processes (and the hypervisor's steal) kept busy between two snapshots."""
+    busy, own, wall = (a - b for a, b in zip(after, before, strict=True))
+    return max(busy - own, 0.0) / wall
+
+
 def build_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, seed: int) -> GLM:
     with torch.device("meta"):
         model = GLM(config)
@@ -220,11 +235,17 @@ def main() -> None:
     print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items() if k != "config"))
     print("Config: " + ", ".join(f"{k}={v}" for k, v in setup["config"].items()), flush=True)
 
+    snapshots = [cpu_snapshot()]
     encode = bench_encode(model, args.encode_lengths, args.repeats, args.batch_size, device, args.seed)
+    snapshots.append(cpu_snapshot())
     decode = bench_decode(model, args.prompt_length, args.decode_tokens, args.batch_size, device)
+    snapshots.append(cpu_snapshot())
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     del model
     bandwidth = memory_bandwidth(device, args.bandwidth_runs) if args.bandwidth_runs > 0 else None
+    snapshots.append(cpu_snapshot())
+    phases = ["encode", "decode", "bandwidth"]
+    others = {phase: other_cores(snapshots[i], snapshots[i + 1]) for i, phase in enumerate(phases)}
     load_end = os.getloadavg()[0]
 
     if encode:
@@ -268,6 +289,7 @@ def main() -> None:
     print(f"Decode method: {decode['method']}, batch {args.batch_size}, {args.decode_tokens} steps")
     print(f"Peak RSS: {peak_rss_mib:.0f} MiB (before the bandwidth probe)")
     print(f"Load average (1 min): {load_start:.2f} at start, {load_end:.2f} at end")
+    print("Cores kept busy by other processes: " + ", ".join(f"{k} {v:.2f}" for k, v in others.items()))
 
     if args.json:
         results = {
@@ -277,6 +299,7 @@ def main() -> None:
             "memory_bandwidth": bandwidth,
             "peak_rss_mib": peak_rss_mib,
             "load_average_1min": [load_start, load_end],
+            "other_processes_cores": others,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -46,7 +46,9 @@ class GenerationOptions:
             raise ValueError("num_beams must be >= 1 and out_seq_length >= 2")
 
 
-def make_strategy(options: GenerationOptions, batch_size: int, end_tokens: list[int]):
+def make_strategy(
+    options: GenerationOptions, batch_size: int, end_tokens: list[int], invalid_slices: list[slice] = ()
+):
     if options.sampling_strategy == "BeamSearchStrategy":
         return BeamSearchStrategy(
             batch_size,
@@ -57,6 +59,7 @@ def make_strategy(options: GenerationOptions, batch_size: int, end_tokens: list[
             no_repeat_ngram_size=options.no_repeat_ngram_size,
             min_gen_length=options.min_gen_length,
             deterministic=options.deterministic,
+            invalid_slices=invalid_slices,
         )
     return BaseStrategy(
         batch_size,
@@ -64,6 +67,7 @@ def make_strategy(options: GenerationOptions, batch_size: int, end_tokens: list[
         top_k=options.top_k,
         top_p=options.top_p,
         end_tokens=end_tokens,
+        invalid_slices=invalid_slices,
     )
 
 
@@ -139,6 +143,10 @@ def fill_blanks(
         )
     queries = [prepare_query(t, tokenizer) for t in texts]
     sop, end_tokens = tokenizer.sop_id, [tokenizer.eop_id, tokenizer.eos_id]
+    # Unlike the original, never generate a mask token (it would be filled next, without end) nor one of
+    # the embedding's padding rows past the tokenizer's vocabulary.
+    masks = sorted(tokenizer.mask_ids.values())
+    invalid = [slice(masks[0], masks[-1] + 1), slice(tokenizer.vocab_size, None)]
     for text, query in zip(texts, queries, strict=True):
         if len(query.ids) + 1 >= options.out_seq_length:
             raise ValueError(
@@ -162,7 +170,7 @@ def fill_blanks(
                 f"leaves no room under out_seq_length {options.out_seq_length}; raise --out-seq-length"
             )
         mask_positions = [None if queries[i].use_gmask else p for i, p in zip(active, positions, strict=True)]
-        strategy = make_strategy(options, len(active), end_tokens)
+        strategy = make_strategy(options, len(active), end_tokens, invalid)
         stream = on_text is not None and active[0] == 0 and options.sampling_strategy == "BaseStrategy"
         on_step = _streamer(tokenizer, end_tokens, on_text) if stream else None
         outputs = generate(model, contexts, strategy, max(budgets), mask_positions, on_step)

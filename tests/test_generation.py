@@ -166,3 +166,13 @@ def test_prompts_without_room_are_refused(tiny_model):
         fill_blanks(model, tok, [long_text], GenerationOptions(out_seq_length=20))
     with pytest.raises(ValueError, match="maximum sequence length"):
         fill_blanks(model, tok, ["hi"], GenerationOptions(out_seq_length=100_000))
+
+
+def test_blanks_never_hold_mask_or_padding_ids(tiny_model):
+    model, tok = tiny_model
+    torch.manual_seed(0)
+    options = GenerationOptions(temperature=5.0, top_p=0.0, out_seq_length=200)  # near-uniform sampling
+    answers = fill_blanks(model, tok, ["[MASK]"] * 4, options)
+    generated = [t for (answer,) in answers for t in answer.ids]
+    assert len(generated) > 300
+    assert all(t < tok.vocab_size and t not in tok.mask_ids.values() for t in generated)
