@@ -53,7 +53,7 @@ def load_model(
     if config is None:
         if meta is None:
             raise CheckpointError(
-                f"{folder} has no model_config.json: give the model config (e.g. --preset glm-130b)"
+                f"{folder} has no model_config.json: give its model config (--config glm-130b for GLM-130B)"
             )
         config = GLMConfig.from_dict(meta["model"], source=str(folder / "model_config.json"))
     if tokenizer is None and meta is not None and "tokenizer" in meta:
