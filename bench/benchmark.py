@@ -84,12 +84,13 @@ def bench_encode(
         mask = torch.randn(1, 1, n, n, generator=generator) < 0.5  # as the original; True = masked here
         mask.diagonal(dim1=-2, dim2=-1).fill_(False)  # deviation: no fully masked row
         mask = mask.to(device)
-        times = []
-        for i in range(repeats + 1):  # the first forward is the warm-up
-            start = now(device)
+        model(tokens, positions, mask)  # warm-up
+        times, others = [], []
+        for _ in range(repeats):
+            before, start = cpu_snapshot(), now(device)
             model(tokens, positions, mask)
-            if i:
-                times.append(now(device) - start)
+            times.append(now(device) - start)
+            others.append(other_cores(before, cpu_snapshot()))
         seconds = statistics.median(times)
         print(f"Encode {n}: {seconds * 1e3:.2f} ms", flush=True)
         results.append(
@@ -98,6 +99,7 @@ def bench_encode(
                 "median_ms": seconds * 1e3,
                 "min_ms": min(times) * 1e3,
                 "times_ms": [x * 1e3 for x in times],
+                "other_cores": others,
                 "tokens_per_s": batch * n / seconds,
                 "gflops_per_s": forward_flops(model.config, batch, n, n, n) / seconds / 1e9,
             }
@@ -132,7 +134,9 @@ def bench_decode(
     model: GLM, prompt_length: int, steps: int, batch: int, device: torch.device
 ) -> dict[str, Any]:
     decode_run(model, prompt_length, min(steps, 4), batch, device)  # warm-up
+    before = cpu_snapshot()
     prefill, times = decode_run(model, prompt_length, steps, batch, device)
+    others = other_cores(before, cpu_snapshot())
     total = sum(times)
     nbytes = weight_bytes(model)
     return {
@@ -146,6 +150,7 @@ def bench_decode(
         "ms_per_token_min": min(times) * 1e3,
         "weight_bytes_per_step": nbytes,
         "weight_gb_per_s": nbytes * steps / total / 1e9,
+        "other_cores": others,
     }
 
 
@@ -156,6 +161,7 @@ def memory_bandwidth(device: torch.device, runs: int) -> dict[str, Any]:
     vector = torch.ones(n, device=device)
     torch.mv(matrix, vector)  # warm-up
     times = []
+    before = cpu_snapshot()
     for _ in range(runs):
         start = now(device)
         torch.mv(matrix, vector)
@@ -166,6 +172,7 @@ def memory_bandwidth(device: torch.device, runs: int) -> dict[str, Any]:
         "runs": runs,
         "median_gb_per_s": nbytes / statistics.median(times) / 1e9,
         "best_gb_per_s": nbytes / min(times) / 1e9,
+        "other_cores": other_cores(before, cpu_snapshot()),
     }
 
 
@@ -235,17 +242,11 @@ def main() -> None:
     print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items() if k != "config"))
     print("Config: " + ", ".join(f"{k}={v}" for k, v in setup["config"].items()), flush=True)
 
-    snapshots = [cpu_snapshot()]
     encode = bench_encode(model, args.encode_lengths, args.repeats, args.batch_size, device, args.seed)
-    snapshots.append(cpu_snapshot())
     decode = bench_decode(model, args.prompt_length, args.decode_tokens, args.batch_size, device)
-    snapshots.append(cpu_snapshot())
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     del model
     bandwidth = memory_bandwidth(device, args.bandwidth_runs) if args.bandwidth_runs > 0 else None
-    snapshots.append(cpu_snapshot())
-    phases = ["encode", "decode", "bandwidth"]
-    others = {phase: other_cores(snapshots[i], snapshots[i + 1]) for i, phase in enumerate(phases)}
     load_end = os.getloadavg()[0]
 
     if encode:
@@ -257,10 +258,12 @@ def main() -> None:
                 f"{r['min_ms']:.2f}",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['gflops_per_s']:.1f}",
+                f"{max(r['other_cores']):.2f}",
             ]
             for r in encode
         ]
-        print(markdown_table(["seq len", "median ms", "min ms", "tokens/s", "matmul GFLOP/s"], encode_rows))
+        header = ["seq len", "median ms", "min ms", "tokens/s", "matmul GFLOP/s", "other-cores (max)"]
+        print(markdown_table(header, encode_rows))
     print()
     header = [
         f"prefill {args.prompt_length} ms",
@@ -269,6 +272,7 @@ def main() -> None:
         "ms/token (median)",
         "GB weights/step",
         "weight GB/s",
+        "other-cores",
     ]
     row = [
         f"{decode['prefill_ms']:.1f}",
@@ -277,19 +281,21 @@ def main() -> None:
         f"{decode['ms_per_token_median']:.1f}",
         f"{decode['weight_bytes_per_step'] / 1e9:.3f}",
         f"{decode['weight_gb_per_s']:.1f}",
+        f"{decode['other_cores']:.2f}",
     ]
     if bandwidth:
-        header += ["memory GB/s (mv median)", "fraction"]
+        header += ["memory GB/s (mv median)", "fraction", "other-cores (mv)"]
         row += [
             f"{bandwidth['median_gb_per_s']:.1f}",
             f"{decode['weight_gb_per_s'] / bandwidth['median_gb_per_s']:.2f}",
+            f"{bandwidth['other_cores']:.2f}",
         ]
     print(markdown_table(header, [row]))
     print()
     print(f"Decode method: {decode['method']}, batch {args.batch_size}, {args.decode_tokens} steps")
     print(f"Peak RSS: {peak_rss_mib:.0f} MiB (before the bandwidth probe)")
     print(f"Load average (1 min): {load_start:.2f} at start, {load_end:.2f} at end")
-    print("Cores kept busy by other processes: " + ", ".join(f"{k} {v:.2f}" for k, v in others.items()))
+    print("Other-cores: CPU cores that other processes kept busy while timing (noise if well above 0).")
 
     if args.json:
         results = {
@@ -299,7 +305,6 @@ def main() -> None:
             "memory_bandwidth": bandwidth,
             "peak_rss_mib": peak_rss_mib,
             "load_average_1min": [load_start, load_end],
-            "other_processes_cores": others,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

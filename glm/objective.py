@@ -103,25 +103,24 @@ def attention_mask(sample: Sample, length: int) -> Tensor:
     return ~visible
 
 
-def collate(samples: list[Sample], pad: int) -> dict[str, Tensor]:
-    """Right-pad a batch: tokens, position_ids, labels [b, s] and attention_mask [b, 1, s, s]."""
-    length = max(len(s.tokens) for s in samples)
-    tokens = torch.full((len(samples), length), pad, dtype=torch.long)
-    positions = torch.zeros(len(samples), length, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
-    masks = []
-    for i, s in enumerate(samples):
-        n = len(s.tokens)
-        tokens[i, :n], positions[i, :n], labels[i, :n] = (
-            torch.tensor(x) for x in (s.tokens, s.positions, s.labels)
-        )
-        masks.append(attention_mask(s, length))
-    return {
-        "tokens": tokens,
-        "position_ids": positions,
-        "labels": labels,
-        "attention_mask": torch.stack(masks)[:, None],
-    }
+def collate(rows: list[list[Sample]], pad: int, length: int | None = None) -> dict[str, Tensor]:
+    """Pack samples into rows (each row a list of samples, each sample seeing only itself) and right-pad:
+    tokens, position_ids, labels [b, s] and attention_mask [b, 1, s, s]."""
+    length = length or max(sum(len(s.tokens) for s in row) for row in rows)
+    tokens = torch.full((len(rows), length), pad, dtype=torch.long)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    masks = torch.ones(len(rows), 1, length, length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        offset = 0
+        for s in row:
+            span = slice(offset, offset + len(s.tokens))
+            tokens[i, span], positions[i, span], labels[i, span] = (
+                torch.tensor(x) for x in (s.tokens, s.positions, s.labels)
+            )
+            masks[i, 0, span, span] = attention_mask(s, len(s.tokens))
+            offset += len(s.tokens)
+    return {"tokens": tokens, "position_ids": positions, "labels": labels, "attention_mask": masks}
 
 
 def make_sample(

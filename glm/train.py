@@ -30,6 +30,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 16
     max_text_tokens: int = 224  # window of text per sample; blocks add a few tokens
+    row_length: int = 256  # samples are packed into rows of this length
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
@@ -40,31 +41,37 @@ class TrainConfig:
 
 
 class TokenStream:
-    """The non-empty lines of a text file as token ids; a training window is one line, or a slice of a long
-    line (then it is whole only if the slice reaches the line's end)."""
+    """The documents of a corpus file (paragraphs one per line, a blank line between documents) as token ids,
+    paragraphs joined by a newline. A training window starts at a random paragraph (chosen in proportion to
+    length) and runs to the end of its document or max_tokens; it is whole if it reaches the document's end.
+    """
 
-    def __init__(self, ids: torch.Tensor, line_starts: torch.Tensor) -> None:
-        self.ids = ids  # [n] int32, all lines back to back
-        self.line_starts = line_starts  # [lines + 1]
+    def __init__(
+        self, ids: torch.Tensor, paragraph_starts: torch.Tensor, document_ends: torch.Tensor
+    ) -> None:
+        self.ids = ids  # [n] int32, all documents back to back
+        self.paragraph_starts = paragraph_starts  # [p] start of each paragraph
+        self.document_ends = document_ends  # [p] end of each paragraph's document
 
     @classmethod
     def from_file(cls, path: Path, tokenizer: GLMTokenizer) -> TokenStream:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        encoded = tokenizer.sp.encode(lines)
-        lengths = torch.tensor([0] + [len(e) for e in encoded])
-        ids = torch.tensor([t + tokenizer.text_offset for e in encoded for t in e], dtype=torch.int32)
-        return cls(ids, lengths.cumsum(0))
+        documents = [d.strip("\n") for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        newline = tokenizer.sp.piece_to_id("\n") + tokenizer.text_offset
+        ids: list[int] = []
+        starts, ends = [], []
+        for encoded in tokenizer.sp.encode(documents):
+            document = [t + tokenizer.text_offset for t in encoded]
+            starts += [len(ids)] + [len(ids) + i + 1 for i, t in enumerate(document[:-1]) if t == newline]
+            ids += document
+            ends += [len(ids)] * (len(starts) - len(ends))
+        return cls(torch.tensor(ids, dtype=torch.int32), torch.tensor(starts), torch.tensor(ends))
 
     def window(self, max_tokens: int, generator: torch.Generator) -> tuple[list[int], bool]:
-        """A random line (or a random slice of a long one); returns its ids and whether it is whole."""
-        line = int(torch.randint(0, len(self.line_starts) - 1, (1,), generator=generator))
-        start, end = int(self.line_starts[line]), int(self.line_starts[line + 1])
-        if end - start <= max_tokens:
-            return self.ids[start:end].tolist(), True
-        offset = int(torch.randint(0, end - start - max_tokens + 1, (1,), generator=generator))
-        return self.ids[
-            start + offset : start + offset + max_tokens
-        ].tolist(), offset + max_tokens == end - start
+        position = int(torch.randint(0, len(self.ids), (1,), generator=generator))
+        paragraph = int(torch.searchsorted(self.paragraph_starts, position, right=True)) - 1
+        start, end = int(self.paragraph_starts[paragraph]), int(self.document_ends[paragraph])
+        stop = min(end, start + max_tokens)
+        return self.ids[start:stop].tolist(), stop == end
 
 
 def special_ids(tokenizer: GLMTokenizer) -> SpecialIds:
@@ -75,13 +82,21 @@ def special_ids(tokenizer: GLMTokenizer) -> SpecialIds:
 def batch_for_step(
     streams: list[TokenStream], weights: torch.Tensor, step: int, cfg: TrainConfig, ids: SpecialIds
 ):
+    """batch_size rows of row_length tokens, packed with samples (padding only at row ends)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    samples = []
-    for _ in range(cfg.batch_size):
+    rows: list[list] = [[]]
+    used = 0
+    while True:
         stream = streams[int(torch.multinomial(weights, 1, generator=generator))]
         text, complete = stream.window(cfg.max_text_tokens, generator)
-        samples.append(make_sample(text, complete, ids, generator))
-    return collate(samples, ids.pad)
+        sample = make_sample(text, complete, ids, generator)
+        if used + len(sample.tokens) > cfg.row_length:
+            if len(rows) == cfg.batch_size:
+                return collate(rows, ids.pad, cfg.row_length)
+            rows.append([])
+            used = 0
+        rows[-1].append(sample)
+        used += len(sample.tokens)
 
 
 def loss_of(model: GLM, batch: dict[str, torch.Tensor], bf16: bool) -> torch.Tensor:

@@ -82,9 +82,26 @@ def test_make_sample_is_deterministic_and_collates():
     again = [make_sample(TEXT, True, IDS, torch.Generator().manual_seed(s)) for s in range(6)]
     assert [s.tokens for s in samples] == [s.tokens for s in again]
     assert {IDS.gmask in s.tokens for s in samples} == {True, False}  # both kinds occur
-    batch = collate(samples, IDS.pad)
+    batch = collate([[s] for s in samples], IDS.pad)
     length = max(len(s.tokens) for s in samples)
     assert batch["tokens"].shape == (6, length) and batch["attention_mask"].shape == (6, 1, length, length)
     for i, s in enumerate(samples):
         assert batch["labels"][i, len(s.tokens) :].eq(IGNORE).all()
         assert batch["attention_mask"][i, 0, :, len(s.tokens) :].all()  # padding is never seen
+
+
+def test_packed_samples_do_not_see_each_other():
+    from glm.model import GLM, init_random_weights
+    from tests.conftest import tiny_config
+
+    model = init_random_weights(GLM(tiny_config(vocab_size=100)), seed=1, std=0.1)
+    first = mask_sample(TEXT, [(3, 6), (12, 13)], IDS)
+    second = gmask_sample(TEXT[:9], 4, IDS, complete=True)
+    packed = collate([[first, second]], IDS.pad, length=len(first.tokens) + len(second.tokens) + 3)
+    alone = collate([[second]], IDS.pad)
+    with torch.no_grad():
+        logits = model(packed["tokens"], packed["position_ids"], packed["attention_mask"])
+        expected = model(alone["tokens"], alone["position_ids"], alone["attention_mask"])
+    n = len(first.tokens)
+    torch.testing.assert_close(logits[0, n : n + len(second.tokens)], expected[0], atol=1e-4, rtol=0)
+    assert packed["labels"][0, n + len(second.tokens) :].eq(IGNORE).all()
