@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,46 +155,58 @@ def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, torch.Si
             )
 
 
-def save_checkpoint(
-    state_dict: dict[str, Tensor],
+def check_tensor_parallel_size(config: GLMConfig, size: int) -> None:
+    if size < 1 or config.num_attention_heads % size or config.vocab_size % size:
+        raise CheckpointError(
+            f"tensor-parallel size {size} must divide the {config.num_attention_heads} attention heads "
+            f"and the {config.vocab_size} vocabulary rows"
+        )
+
+
+def write_checkpoint(
     folder: str | Path,
+    rank_state_dict: Callable[[int], dict[str, Tensor]],
     config: GLMConfig,
-    tokenizer: GLMTokenizer | None = None,
     tensor_parallel_size: int = 1,
+    tokenizer: GLMTokenizer | dict | None = None,
     tag: str = "release",
     overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint in the original layout plus model_config.json and the tokenizer file.
 
-    Written into a temporary folder beside `folder` and renamed at the end, so a failure leaves nothing.
+    rank_state_dict(r) gives rank r's state dict (called once per rank, so shards can be made one at a
+    time). `tokenizer` may also be a stored icetk tokenizer config (icetk's model file is the user's own
+    copy, never shipped). Written into a temporary folder beside `folder` and renamed at the end, so a
+    failure leaves nothing behind.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise CheckpointError(f"{folder} already exists; choose another output folder or remove it")
-    if config.num_attention_heads % tensor_parallel_size:
-        raise CheckpointError(
-            f"tensor-parallel size {tensor_parallel_size} does not divide the "
-            f"{config.num_attention_heads} attention heads"
-        )
+    check_tensor_parallel_size(config, tensor_parallel_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (tmp / tag).mkdir()
-        shards = split_state_dict(state_dict, tensor_parallel_size)
-        for rank, shard in enumerate(shards):
+        dtype = None
+        for rank in range(tensor_parallel_size):
+            shard = rank_state_dict(rank)
+            dtype = dtype or next(iter(shard.values())).dtype
             torch.save({"module": shard}, tmp / tag / f"mp_rank_{rank:02d}_model_states.pt")
+            del shard
         (tmp / "latest").write_text(tag)
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "model": config.to_dict(),
             "tensor_parallel_size": tensor_parallel_size,
-            "dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
             "quantization_bit_width": None,
         }
-        if tokenizer is not None:
+        if isinstance(tokenizer, GLMTokenizer):
             meta["tokenizer"] = tokenizer.to_config()
-            if tokenizer.kind != "icetk":  # icetk's model file is the user's own copy, not ours to ship
+            if tokenizer.kind != "icetk":
                 shutil.copyfile(tokenizer.model_file, tmp / meta["tokenizer"]["file"])
+        elif tokenizer is not None:
+            meta["tokenizer"] = tokenizer
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         tmp.chmod(0o755)  # mkdtemp creates it private
         if folder.exists():
@@ -203,3 +216,20 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def save_checkpoint(
+    state_dict: dict[str, Tensor],
+    folder: str | Path,
+    config: GLMConfig,
+    tokenizer: GLMTokenizer | None = None,
+    tensor_parallel_size: int = 1,
+    tag: str = "release",
+    overwrite: bool = False,
+) -> Path:
+    """Write a full state dict split into tensor_parallel_size shards (see write_checkpoint)."""
+    check_tensor_parallel_size(config, tensor_parallel_size)
+    shards = split_state_dict(state_dict, tensor_parallel_size) if tensor_parallel_size > 1 else [state_dict]
+    return write_checkpoint(
+        folder, shards.__getitem__, config, tensor_parallel_size, tokenizer, tag, overwrite
+    )

@@ -409,7 +409,7 @@ def test_save_refuses_to_overwrite(model, tmp_path):
 
 
 def test_save_refuses_tp_not_dividing_heads(model, tmp_path):
-    with pytest.raises(CheckpointError, match="tensor-parallel size 3 does not divide the 4 attention heads"):
+    with pytest.raises(CheckpointError, match="tensor-parallel size 3 must divide the 4 attention heads"):
         save_checkpoint(model.state_dict(), tmp_path / "out", model.config, tensor_parallel_size=3)
     assert list(tmp_path.iterdir()) == []
 
