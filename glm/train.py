@@ -90,6 +90,8 @@ def batch_for_step(
         stream = streams[int(torch.multinomial(weights, 1, generator=generator))]
         text, complete = stream.window(cfg.max_text_tokens, generator)
         sample = make_sample(text, complete, ids, generator)
+        if len(sample.tokens) > cfg.row_length:  # many one-token spans can outgrow a row: draw again
+            continue
         if used + len(sample.tokens) > cfg.row_length:
             if len(rows) == cfg.batch_size:
                 return collate(rows, ids.pad, cfg.row_length)
@@ -214,6 +216,8 @@ def main(args: argparse.Namespace) -> None:
         if deadline and time.time() > deadline:
             print(f"stopping at step {step + 1}: --max-minutes reached")
             break
+        if args.stop_after and step + 1 - start >= args.stop_after:
+            break
     save(step + 1)
     if args.export:
         export = save_checkpoint(
@@ -240,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
+    p.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of this invocation")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
     return p
