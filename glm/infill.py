@@ -88,11 +88,13 @@ def prepare_query(text: str, tokenizer: GLMTokenizer) -> Query:
     else:
         mask = "[gMASK]"
     ids: list[int] = []
-    for piece in _MASK_SPLIT.split(text):
-        if _MASK_SPLIT.fullmatch(piece):
+    pieces = _MASK_SPLIT.split(text)  # text, mask, text, ..., text
+    for i, piece in enumerate(pieces):
+        if i % 2:
             ids.append(tokenizer.get_command(piece))
         elif piece:
-            ids.extend(tokenizer.tokenize(piece))
+            before_mask = i + 1 < len(pieces) or "MASK]" not in text  # [gMASK] is appended below
+            ids.extend(tokenizer.tokenize_segment(piece, after_mask=i > 0, before_mask=before_mask))
     if "MASK]" not in text:
         ids.append(tokenizer.get_command("[gMASK]"))
         text += " [gMASK]"

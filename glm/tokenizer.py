@@ -56,6 +56,8 @@ class GLMTokenizer:
         # Like SAT, eos also splits the text in detokenize and is written as "[</s>]".
         self._decoder = {special_base + i: name for i, name in enumerate(SPECIAL_TOKENS)}
         self._decoder[eos] = "</s>" if kind == "icetk" else self.sp.id_to_piece(eos - text_offset)
+        newline = self.sp.piece_to_id("\n")
+        self._newline = newline if self.sp.id_to_piece(newline) == "\n" else None  # a piece of its own?
 
     @classmethod
     def icetk(cls, model_file: str | Path | None = None) -> GLMTokenizer:
@@ -82,6 +84,24 @@ class GLMTokenizer:
         # Matches SAT's tokenize -> icetk.encode(text) with the default ignore_linebreak=True,
         # i.e. "\n" is handed to sentencepiece unchanged (no "<n>" substitution).
         return [i + self.text_offset for i in self.sp.encode(text)]
+
+    def tokenize_segment(self, text: str, after_mask: bool, before_mask: bool) -> list[int]:
+        """Encode the text between mask tokens of a query.
+
+        icetk (GLM-130B) encodes every segment on its own, as the original generate.py did. The project's
+        own models were trained on whole documents with blanks cut out of one tokenization, so for them a
+        segment is encoded as it would be inside the whole text: no sentencepiece dummy "▁" after a mask,
+        and no lone trailing "▁" before one (the space belongs to the blank's first token).
+        """
+        if self.kind == "icetk" or self._newline is None:
+            return self.tokenize(text)
+        if before_mask:
+            text = text.rstrip(" ")
+        if not after_mask:
+            return self.tokenize(text)
+        # Text after the user-defined newline piece is encoded without the dummy prefix.
+        ids = self.sp.encode("\n" + text)
+        return [i + self.text_offset for i in ids[ids.index(self._newline) + 1 :]]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Decode ids; special tokens are written as ``[name]`` (``[MASK]`` -> ``[[MASK]]``)."""

@@ -8,6 +8,7 @@ import torch
 from glm.decoding import build_inputs, generate
 from glm.infill import GenerationOptions, fill_blanks, prepare_query
 from glm.strategies import BaseStrategy, BeamSearchStrategy
+from glm.tokenizer import GLMTokenizer
 
 
 def original_mask(context_length: int, total: int) -> torch.Tensor:
@@ -108,7 +109,8 @@ def test_beam_search_reorders_the_cache_correctly(tiny_model):
 
 
 def test_prepare_query_follows_the_original(tiny_model):
-    _, tok = tiny_model
+    # GLM-130B's icetk flavour: every segment encoded on its own, exactly as the original generate.py.
+    tok = GLMTokenizer.icetk(tiny_model[1].model_file)
     mask, gmask, smask, eos = (tok.get_command(n) for n in ("[MASK]", "[gMASK]", "[sMASK]", "eos"))
     query = prepare_query("The river [MASK] the town.", tok)
     assert query.ids == [*tok.tokenize("The river "), mask, *tok.tokenize(" the town."), eos]
@@ -120,6 +122,27 @@ def test_prepare_query_follows_the_original(tiny_model):
     assert query.mask_id == mask
     assert query.ids == [*tok.tokenize("A "), smask, *tok.tokenize(" B "), mask]
     assert prepare_query("Rain [sMASK]", tok).mask_id == smask
+
+
+@pytest.mark.parametrize(
+    "left,blank,right",
+    [
+        ("The river", " runs", " through the old town."),
+        ("清华大学是", "北京", "的一所大学。"),
+        ("Rain fell", " all", ""),
+    ],
+)
+def test_own_tokenizer_encodes_a_query_as_inside_the_whole_text(tiny_model, left, blank, right):
+    # The project's models were trained on blanks cut out of whole-text tokenizations.
+    _, tok = tiny_model
+    whole = tok.tokenize(left + blank + right)
+    ids = prepare_query(f"{left} [MASK]{right}" if blank.startswith(" ") else f"{left}[MASK]{right}", tok).ids
+    position = ids.index(tok.get_command("[MASK]"))
+    before, after = ids[:position], ids[position + 1 :]
+    if right:  # eos follows a text that does not end in a mask
+        assert after.pop() == tok.eos_id
+    assert whole[: len(before)] == before
+    assert whole[len(whole) - len(after) :] == after
 
 
 def test_fill_blanks_fills_masks_left_to_right(tiny_model):

@@ -32,6 +32,7 @@ def train_tokenizer(text: Path, prefix: Path, vocab_size: int) -> Path:
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],  # as the bundled model's tokenizer (tools/train_tokenizer.py)
         unk_id=0,
         bos_id=1,
         eos_id=2,
