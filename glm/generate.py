@@ -106,7 +106,7 @@ def write_answers(path: Path, answers: list[Answer], tokenizer: GLMTokenizer) ->
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         for answer in answers:
-            f.write(answer.text(tokenizer).replace("\n", " ") + "\n")
+            f.write(" ".join(answer.text(tokenizer).splitlines()) + "\n")  # one line per answer
     os.replace(tmp, path)
 
 
