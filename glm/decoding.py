@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from glm.model import GLM
+from glm.strategies import BaseStrategy, BeamSearchStrategy
 
 PAD_TOKEN = 0  # the original pads batches with token 0
 
@@ -73,7 +74,7 @@ def build_inputs(
 def generate(
     model: GLM,
     contexts: Sequence[Sequence[int]],
-    strategy,
+    strategy: BaseStrategy | BeamSearchStrategy,
     max_gen_length: int,
     mask_positions: Sequence[int | None] | None = None,
     on_step: Callable[[Tensor], None] | None = None,

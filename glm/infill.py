@@ -180,7 +180,7 @@ def fill_blanks(
         for i, context, position, budget, outs in per_sample:
             best = answers[i][0]
             answers[i] = []
-            for out in outs:
+            for out in outs or [context]:  # a search that kept no beam fills the blank with nothing
                 blank = out[len(context) : len(context) + budget]  # each sample's own budget
                 if blank and blank[-1] in end_tokens:
                     blank = blank[:-1]
