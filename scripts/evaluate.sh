@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Evaluate a GLM model on YAML task configs: `bash scripts/evaluate.sh tasks/offline/zh_idiom_cloze.yaml`.
+# Positional arguments are task files or folders (as the original script); every flag is listed by
+# `bash scripts/evaluate.sh --help`. Without --checkpoint it runs the bundled default model; task paths are
+# relative to the repository root unless --data-path says otherwise. Results go to logs/evaluate-<time>.json.
+set -euo pipefail
+main_dir=$(dirname "$(dirname "$(realpath "$0")")")
+export PYTHONPATH="${main_dir}${PYTHONPATH:+:${PYTHONPATH}}"
+exec python -m glm.evaluate "$@"
