@@ -1,7 +1,8 @@
-"""The one-call loader shared by the CLI, the evaluator and users."""
+"""The one-call loader shared by the CLIs, the evaluator and users, and the CLIs' model flags."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -55,3 +56,30 @@ def load(
             f"{model.config.vocab_size} embedding rows"
         )
     return model, tok
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags every command line shares; `load_from_args` reads them."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", default=str(DEFAULT_MODEL), help="checkpoint folder (original layout)")
+    model.add_argument(
+        "--config",
+        help="model config JSON or preset name (glm-130b, ...) for checkpoints without model_config.json",
+    )
+    model.add_argument(
+        "--tokenizer",
+        help="sentencepiece model file; with --tokenizer-type icetk, the path of ice_text.model",
+    )
+    model.add_argument(
+        "--tokenizer-type",
+        choices=["icetk", "sentencepiece"],
+        help="icetk: GLM-130B's (ice_text.model, default in ~/.icetk_models); default: the checkpoint's",
+    )
+    model.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16"
+    )
+    model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
+    return load(args.checkpoint, args.config, args.tokenizer, args.tokenizer_type, args.dtype, args.device)

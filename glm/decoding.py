@@ -34,10 +34,12 @@ def build_inputs(
     max_gen_length: int,
     mask_positions: Sequence[int | None],
     device: torch.device | str = "cpu",
+    unidirectional: bool = False,
 ) -> GenerationInputs:
     """Tokens, positions and masks for contexts that each end in `sop`.
 
     mask_positions[i] is the index of the `[MASK]`/`[sMASK]` being filled, or None for `[gMASK]`.
+    `unidirectional` makes the context causal too (the evaluator's `[gMASK] sop text` layout).
     """
     if not contexts or any(len(c) == 0 for c in contexts):
         raise ValueError("every context needs at least the sop token")
@@ -59,8 +61,11 @@ def build_inputs(
         else:  # [MASK]/[sMASK]: sop and the whole span take the mask's position
             position_ids[i, n - 1] = mask_position
             position_ids[i, padded:] = mask_position
-        visible[i, :, : n - 1] = True  # the context before sop, seen by every row
-        visible[i, n - 1 :, n - 1] = True  # sop, seen causally
+        if unidirectional:
+            visible[i, :, :n] = causal[:, :n]
+        else:
+            visible[i, :, : n - 1] = True  # the context before sop, seen by every row
+            visible[i, n - 1 :, n - 1] = True  # sop, seen causally
         visible[i, padded:, padded:] = causal[padded:, padded:]  # generated tokens, causal
     return GenerationInputs(
         tokens.to(device),
@@ -78,6 +83,7 @@ def generate(
     max_gen_length: int,
     mask_positions: Sequence[int | None] | None = None,
     on_step: Callable[[Tensor], None] | None = None,
+    unidirectional: bool = False,
 ) -> list[list[list[int]]]:
     """Generate up to max_gen_length tokens after each context (each ending in `sop`).
 
@@ -90,7 +96,7 @@ def generate(
     if mask_positions is None:
         mask_positions = [None] * len(contexts)
     device = model.device
-    inputs = build_inputs(contexts, max_gen_length, mask_positions, device)
+    inputs = build_inputs(contexts, max_gen_length, mask_positions, device, unidirectional)
     batch, padded = inputs.tokens.shape
     total = padded + max_gen_length
     cache = model.new_cache(batch * strategy.num_beams, total)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from glm.api import DEFAULT_MODEL, load
+from glm.api import add_model_arguments, load_from_args
 from glm.checkpoint import CheckpointError
 from glm.evaluation.config import collect_task_files, load_task_config, resolve_file_groups
 from glm.evaluation.report import ALL_DONE, TASK_LOADED, TASKS_LOADED
@@ -41,25 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", nargs="+", action="extend", default=[], help="more task YAML files or folders (recursive)"
     )
     parser.add_argument("--data-path", default=str(REPO_ROOT), help="base folder of every task's `path`")
-    model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", default=str(DEFAULT_MODEL), help="checkpoint folder (original layout)")
-    model.add_argument(
-        "--config",
-        help="model config JSON or preset name (glm-130b, ...) for checkpoints without model_config.json",
-    )
-    model.add_argument(
-        "--tokenizer",
-        help="sentencepiece model file; with --tokenizer-type icetk, the path of ice_text.model",
-    )
-    model.add_argument(
-        "--tokenizer-type",
-        choices=["icetk", "sentencepiece"],
-        help="icetk: GLM-130B's (ice_text.model, default in ~/.icetk_models); default: the checkpoint's",
-    )
-    model.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16"
-    )
-    model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_model_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument(
         "--output-dir", default="logs", help="folder for evaluate-<time>.json (and .predictions.jsonl)"
@@ -103,14 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
     start = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    model, tokenizer = load(
-        args.checkpoint,
-        args.config,
-        args.tokenizer,
-        args.tokenizer_type,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    model, tokenizer = load_from_args(args)
     results: list[TaskResult] = []
     with torch.inference_mode():
         for _, config, cls in tasks:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from glm.api import DEFAULT_MODEL, load
+from glm.api import add_model_arguments, load_from_args
 from glm.checkpoint import CheckpointError
 from glm.infill import Answer, GenerationOptions, fill_blanks, prepare_query
 from glm.tokenizer import GLMTokenizer
@@ -26,25 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "blanks with a GLM model. A query without a mask gets [gMASK] appended.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", default=str(DEFAULT_MODEL), help="checkpoint folder (original layout)")
-    model.add_argument(
-        "--config",
-        help="model config JSON or preset name (glm-130b, ...) for checkpoints without model_config.json",
-    )
-    model.add_argument(
-        "--tokenizer",
-        help="sentencepiece model file; with --tokenizer-type icetk, the path of ice_text.model",
-    )
-    model.add_argument(
-        "--tokenizer-type",
-        choices=["icetk", "sentencepiece"],
-        help="icetk: GLM-130B's (ice_text.model, default in ~/.icetk_models); default: the checkpoint's",
-    )
-    model.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16"
-    )
-    model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_model_arguments(parser)
 
     gen = parser.add_argument_group("generation (defaults are those of the original scripts/generate.sh)")
     defaults = GenerationOptions()
@@ -145,14 +127,7 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.input_source != "interactive" and not Path(args.input_source).is_file():
         raise FileNotFoundError(f"--input-source {args.input_source}: no such file (or use 'interactive')")
-    model, tokenizer = load(
-        args.checkpoint,
-        args.config,
-        args.tokenizer,
-        args.tokenizer_type,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    model, tokenizer = load_from_args(args)
     if options.out_seq_length > model.config.max_sequence_length:
         raise ValueError(
             f"--out-seq-length {options.out_seq_length} exceeds the model's maximum sequence length "

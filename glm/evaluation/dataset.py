@@ -419,51 +419,6 @@ def window_losses(
 # ------------------------------------------------------------------------------------------- decoding
 
 
-@torch.no_grad()
-def generate_causal(
-    model: GLM,
-    contexts: Sequence[Sequence[int]],
-    strategy: BaseStrategy | BeamSearchStrategy,
-    max_gen_length: int,
-) -> list[list[list[int]]]:
-    """`glm.decoding.generate` for unidirectional `[gMASK, sop] + text` contexts: the context attends
-    causally (linear positions); generation continues after the last context token."""
-    device = model.device
-    inputs = build_inputs(contexts, max_gen_length, [None] * len(contexts), device)
-    for i, n in enumerate(inputs.context_lengths.tolist()):
-        inputs.attention_mask[i, 0, :n, :n] = ~torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    batch, padded = inputs.tokens.shape
-    cache = model.new_cache(batch * strategy.num_beams, padded + max_gen_length)
-    logits = model(
-        inputs.tokens,
-        inputs.position_ids[:, :padded],
-        inputs.attention_mask[:, :, :padded, :padded],
-        cache,
-        logits_at=(inputs.context_lengths - 1)[:, None],
-    )
-    tokens = inputs.tokens[:, None, :]
-    rows = torch.arange(batch, device=device)
-    for column in range(padded, padded + max_gen_length):
-        if column > padded:
-            logits = model(
-                tokens[:, :, -1].reshape(-1, 1).clamp(min=0),
-                inputs.position_ids[rows, column - 1 : column],
-                inputs.attention_mask[rows, :, column - 1 : column, :column],
-                cache,
-            )
-        beams_before = tokens.shape[1]
-        tokens, source = strategy.forward(logits.view(batch, beams_before, -1), tokens)
-        if source is not None:
-            offsets = torch.arange(batch, device=device)[:, None] * beams_before
-            cache.reorder((offsets + source.to(device)).flatten())
-        rows = torch.arange(batch, device=device).repeat_interleave(tokens.shape[1])
-        if strategy.is_done:
-            break
-    outputs = strategy.finalize(tokens)
-    lengths = inputs.context_lengths.tolist()
-    return [[beam[:n] + beam[padded:] for beam in beams] for beams, n in zip(outputs, lengths, strict=True)]
-
-
 def generate_samples(
     model: GLM,
     samples: Sequence[GenerationSample],
@@ -474,10 +429,11 @@ def generate_samples(
     """Generated ids per sample, all beams best first, without the context and a trailing end token
     (the original's `generate_text`); the samples are decoded as one batch."""
     contexts = [s.tokens for s in samples]
-    if any(s.unidirectional for s in samples):
-        outputs = generate_causal(model, contexts, strategy, max_gen_length)
-    else:
-        outputs = generate(model, contexts, strategy, max_gen_length, [s.mask_position for s in samples])
+    unidirectional = any(s.unidirectional for s in samples)  # one setting per task
+    mask_positions = [None if unidirectional else s.mask_position for s in samples]
+    outputs = generate(
+        model, contexts, strategy, max_gen_length, mask_positions, unidirectional=unidirectional
+    )
     results = []
     for context, beams in zip(contexts, outputs, strict=True):
         cut = [beam[len(context) :] for beam in beams]
