@@ -13,7 +13,7 @@ from glm.model import GLM
 from glm.tokenizer import GLMTokenizer
 
 # The model `scripts/generate.sh` runs when no checkpoint is given.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "glm-tiny-untrained"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "glm-bilingual"
 
 
 def resolve_config(config: str | Path | GLMConfig | None) -> GLMConfig | None:

@@ -1,9 +1,9 @@
-"""Build the small UNTRAINED placeholder model: a sentencepiece tokenizer and random GLM weights.
+"""Build a small UNTRAINED model: a sentencepiece tokenizer and random GLM weights, in seconds.
 
-It exists so that generation runs out of the box before the trained bundled model lands; its output is
-random text. Deterministic: the same command writes the same files.
+The tests build one to exercise the loader, generation and the command lines without the bundled model;
+its output is random text. Deterministic: the same command writes the same files.
 
-    python tools/build_untrained_model.py --output models/glm-tiny-untrained
+    python tools/build_untrained_model.py --output /tmp/glm-tiny-untrained
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--output", type=Path, default=Path("models/glm-tiny-untrained"))
+    parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--vocab-size", type=int, default=600, help="sentencepiece vocabulary")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
