@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from glm.checkpoint import CheckpointError
 from glm.config import PRESETS, GLMConfig, get_preset
 from glm.loading import load_model
 from glm.model import GLM
@@ -83,3 +86,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     return load(args.checkpoint, args.config, args.tokenizer, args.tokenizer_type, args.dtype, args.device)
+
+
+def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
+    """Run a command line's main: a user error becomes one `error: ...` line and exit status 2."""
+    try:
+        sys.exit(main(args))
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +19,7 @@ from typing import Any
 
 import torch
 
-from glm.api import add_model_arguments, load_from_args
-from glm.checkpoint import CheckpointError
+from glm.api import add_model_arguments, load_from_args, run_cli
 from glm.evaluation.config import collect_task_files, load_task_config, resolve_file_groups
 from glm.evaluation.report import ALL_DONE, TASK_LOADED, TASKS_LOADED
 from glm.evaluation.tasks import BaseTask, TaskResult, task_class
@@ -115,14 +113,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        sys.exit(main(args))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from glm.api import add_model_arguments, load_from_args
-from glm.checkpoint import CheckpointError
+from glm.api import add_model_arguments, load_from_args, run_cli
 from glm.infill import Answer, GenerationOptions, fill_blanks, prepare_query
 from glm.tokenizer import GLMTokenizer
 
@@ -206,14 +205,7 @@ def from_file(model, tokenizer, options, args, output_path, show) -> int:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        sys.exit(main(args))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ text without masks, and `eos` unless the text ends in a mask.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,8 +14,6 @@ from glm.decoding import generate
 from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
-
-_MASK_SPLIT = re.compile(r"(\[[sg]?MASK\])")
 
 
 @dataclass
@@ -87,14 +84,7 @@ def prepare_query(text: str, tokenizer: GLMTokenizer) -> Query:
         mask = "[sMASK]"
     else:
         mask = "[gMASK]"
-    ids: list[int] = []
-    pieces = _MASK_SPLIT.split(text)  # text, mask, text, ..., text
-    for i, piece in enumerate(pieces):
-        if i % 2:
-            ids.append(tokenizer.get_command(piece))
-        elif piece:
-            before_mask = i + 1 < len(pieces) or "MASK]" not in text  # [gMASK] is appended below
-            ids.extend(tokenizer.tokenize_segment(piece, after_mask=i > 0, before_mask=before_mask))
+    ids = tokenizer.tokenize_with_masks(text, mask_appended="MASK]" not in text)
     if "MASK]" not in text:
         ids.append(tokenizer.get_command("[gMASK]"))
         text += " [gMASK]"

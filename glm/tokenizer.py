@@ -9,6 +9,7 @@ start at 150000.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import sentencepiece as spm
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "eod", "sop", "eop", "ENC", "dBLOCK")
 MASK_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]")
+MASK_PATTERN = re.compile(r"(\[[sg]?MASK\])")  # splits text into text, mask, text, ..., text
 ICETK_DEFAULT_FILE = Path("~/.icetk_models/ice_text.model")
 ICETK_TEXT_OFFSET = 20000  # icetk's num_image_tokens
 ICETK_SPECIAL_BASE = 150000  # SAT's _IceTokenizer.num_tokens
@@ -102,6 +104,21 @@ class GLMTokenizer:
         # Text after the user-defined newline piece is encoded without the dummy prefix.
         ids = self.sp.encode("\n" + text)
         return [i + self.text_offset for i in ids[ids.index(self._newline) + 1 :]]
+
+    def tokenize_with_masks(self, text: str, mask_appended: bool = False) -> list[int]:
+        """Ids of text in which `[MASK]`, `[sMASK]` and `[gMASK]` stand for their special tokens.
+
+        `mask_appended`: a mask token will follow the text (generate.py appends `[gMASK]`).
+        """
+        ids: list[int] = []
+        pieces = MASK_PATTERN.split(text)  # text, mask, text, ..., text
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self.get_command(piece))
+            elif piece:
+                before_mask = i + 1 < len(pieces) or mask_appended
+                ids += self.tokenize_segment(piece, after_mask=i > 0, before_mask=before_mask)
+        return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Decode ids; special tokens are written as ``[name]`` (``[MASK]`` -> ``[[MASK]]``)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,6 @@ from glm.evaluation.metrics import count_original_tokens
 from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
-
-_MASK_SPLIT = re.compile(r"(\[[sg]?MASK\])")
-
 
 # ------------------------------------------------------------------------------------------ reading data
 
@@ -51,14 +47,7 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 
 def encode_text(tokenizer: GLMTokenizer, text: str) -> list[int]:
     """Ids of `text`; `[MASK]`, `[sMASK]` and `[gMASK]` written in it become their special ids."""
-    ids: list[int] = []
-    pieces = _MASK_SPLIT.split(text)  # text, mask, text, ..., text
-    for i, piece in enumerate(pieces):
-        if i % 2:
-            ids.append(tokenizer.get_command(piece))
-        elif piece:
-            ids += tokenizer.tokenize_segment(piece, after_mask=i > 0, before_mask=i + 1 < len(pieces))
-    return ids
+    return tokenizer.tokenize_with_masks(text)
 
 
 def encode_choice(tokenizer: GLMTokenizer, text: str) -> list[int]:
