@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -39,8 +40,12 @@ def now(device: torch.device) -> float:
 
 
 def cpu_snapshot() -> tuple[float, float, float]:
-    """(busy CPU seconds of the whole machine, this process's CPU seconds, wall seconds); Linux only."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """(busy CPU seconds of the whole machine, this process's CPU seconds, wall seconds); NaN without Linux's
+    /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return math.nan, math.nan, time.perf_counter()
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     own = os.times()
     busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
@@ -50,7 +55,7 @@ def cpu_snapshot() -> tuple[float, float, float]:
 def other_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
     """Average cores that other processes (and the hypervisor's steal) kept busy between two snapshots."""
     busy, own, wall = (a - b for a, b in zip(after, before, strict=True))
-    return max(busy - own, 0.0) / wall
+    return math.nan if math.isnan(busy) else max(busy - own, 0.0) / wall
 
 
 def build_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, seed: int) -> GLM:

@@ -107,8 +107,8 @@ class SelfAttention(nn.Module):
         # Query-key layer scaling: divide by c before the product, multiply back in fp32 for the softmax.
         c = self.layer_id + 1
         scores = torch.matmul(q / (math.sqrt(hn) * c), k.transpose(-1, -2))  # [b, nh, s, t]
-        scores = scores.masked_fill(mask, MASKED_SCORE)
-        probs = torch.softmax(scores.float() * c, dim=-1).to(v.dtype)
+        scores.masked_fill_(mask, MASKED_SCORE)  # in place: the scores are the largest tensor here
+        probs = torch.softmax(scores.float().mul_(c), dim=-1).to(v.dtype)
         context = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, nh * hn)
         return self.dense(context)
 
