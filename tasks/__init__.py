@@ -1,0 +1,1 @@
+"""Task configs and the custom task modules they name (`module: tasks....`)."""
