@@ -7,12 +7,14 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from glm.api import add_model_arguments, load_from_args, run_cli
 from glm.infill import Answer, GenerationOptions, fill_blanks, prepare_query
+from glm.model import GLM
 from glm.tokenizer import GLMTokenizer
 
 PROMPT = "\nPlease Input Query (stop to exit) >>> "
@@ -149,7 +151,14 @@ def main(args: argparse.Namespace) -> int:
     return from_file(model, tokenizer, options, args, output_path, show)
 
 
-def interactive(model, tokenizer, options, args, output_path, show) -> int:
+def interactive(
+    model: GLM,
+    tokenizer: GLMTokenizer,
+    options: GenerationOptions,
+    args: argparse.Namespace,
+    output_path: Path,
+    show: Callable[[str, list[Answer]], None],
+) -> int:
     while True:
         try:
             line = input(PROMPT).strip()
@@ -177,7 +186,14 @@ def interactive(model, tokenizer, options, args, output_path, show) -> int:
         print(f"Taken time {time.time() - start:.2f}")
 
 
-def from_file(model, tokenizer, options, args, output_path, show) -> int:
+def from_file(
+    model: GLM,
+    tokenizer: GLMTokenizer,
+    options: GenerationOptions,
+    args: argparse.Namespace,
+    output_path: Path,
+    show: Callable[[str, list[Answer]], None],
+) -> int:
     path = Path(args.input_source)
     queries = []
     for n, raw in enumerate(path.read_text().splitlines(), start=1):
