@@ -12,11 +12,15 @@ beside the weights (an argparse Namespace and NumPy RNG state).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,12 +29,18 @@ import torch
 from torch import Tensor
 
 from glm.config import GLMConfig
-from glm.sharding import merge_state_dicts, split_rule, split_state_dict
+from glm.sharding import Split, full_shape, slice_views, split_dim, split_rule, split_state_dict
 from glm.tokenizer import GLMTokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "model_config.json"
 _SHARD = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+_MADV_DONTNEED = 4
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux/glibc: pages are simply not dropped early
+    _LIBC = None
 
 
 class CheckpointError(ValueError):
@@ -121,22 +131,82 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return meta
 
 
+def _drop_pages(tensor: Tensor) -> None:
+    """Return a memory-mapped tensor's pages to the page cache, so they stop counting in this process's
+    memory (the file stays readable: a later access faults them back in). A no-op where unsupported."""
+    if _LIBC is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    aligned = (start + page - 1) // page * page  # whole pages inside the tensor only
+    if end - aligned >= page:
+        _LIBC.madvise(
+            ctypes.c_void_p(aligned), ctypes.c_size_t((end - aligned) // page * page), _MADV_DONTNEED
+        )
+
+
+class ShardedCheckpoint:
+    """The rank files of a checkpoint, memory-mapped, read one tensor slice at a time.
+
+    `read(key, rank, world_size)` gives part `rank` of `world_size` of a key whatever size the checkpoint
+    was saved with (glm/sharding.py's rules): a view of one source file where it can be, a concatenation
+    of only the needed source slices otherwise. `bytes_read` counts the source bytes those slices span.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.paths = shard_paths(self.folder)
+        self.shards = [load_shard(p) for p in self.paths]
+        # Zip-format files are memory-mapped by load_shard; legacy ones are read into (anonymous) memory,
+        # whose pages must never be dropped.
+        self.mapped = all(zipfile.is_zipfile(p) for p in self.paths)
+        self.bytes_read = 0
+        for path, shard in zip(self.paths, self.shards, strict=True):
+            for key in shard:
+                try:
+                    split_rule(key)
+                except KeyError:
+                    hint = " (a quantized checkpoint?)" if key.endswith("_scale") else ""
+                    raise CheckpointError(f"{path}: unexpected key '{key}'{hint}") from None
+            if set(shard) != set(self.shards[0]):
+                diff = sorted(set(shard) ^ set(self.shards[0]))
+                raise CheckpointError(f"{path} holds other keys than {self.paths[0]}: {', '.join(diff[:3])}")
+        self.keys = [k for k in self.shards[0] if split_rule(k) is not Split.IGNORED]
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return len(self.shards)
+
+    def shape(self, key: str) -> torch.Size:
+        """The unsharded shape of `key`, from the files' headers."""
+        try:
+            return full_shape(key, [s[key].shape for s in self.shards])
+        except ValueError as e:
+            raise CheckpointError(f"{self.folder}: {e}") from None
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.shards[0][key].dtype
+
+    def read(self, key: str, rank: int = 0, world_size: int = 1) -> Tensor:
+        try:
+            views = slice_views(key, [s[key] for s in self.shards], rank, world_size)
+        except ValueError as e:
+            raise CheckpointError(f"{self.folder}: {e}") from None
+        self.bytes_read += sum(v.numel() * v.element_size() for v in views)
+        return views[0] if len(views) == 1 else torch.cat(views, dim=split_dim(split_rule(key)))
+
+    def release(self, key: str) -> None:
+        """Drop the pages of `key` this process touched (after its slice has been copied elsewhere)."""
+        if self.mapped:
+            for shard in self.shards:
+                _drop_pages(shard[key])
+
+
 def load_state_dict(folder: str | Path) -> tuple[dict[str, Tensor], int]:
     """The full (unsharded) state dict of a checkpoint and the tensor-parallel size it was saved with."""
-    folder = Path(folder)
-    paths = shard_paths(folder)
-    shards = [load_shard(p) for p in paths]
-    for path, shard in zip(paths, shards, strict=True):
-        for key in shard:
-            try:
-                split_rule(key)
-            except KeyError:
-                hint = " (a quantized checkpoint?)" if key.endswith("_scale") else ""
-                raise CheckpointError(f"{path}: unexpected key '{key}'{hint}") from None
-    try:
-        return merge_state_dicts(shards), len(shards)
-    except ValueError as e:
-        raise CheckpointError(f"{folder}: cannot merge the {len(shards)} shards: {e}") from None
+    checkpoint = ShardedCheckpoint(folder)
+    return {k: checkpoint.read(k) for k in checkpoint.keys}, checkpoint.tensor_parallel_size
 
 
 def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:

@@ -1,17 +1,37 @@
-"""Build a model on the meta device and load a checkpoint straight into place."""
+"""The one load pipeline: build on the meta device -> apply transforms -> stream weights into place.
+
+1. The model is built on the meta device (no memory).
+2. Transforms change it in place, still without weights, in the order given: tensor-parallel sharding,
+   quantization, offload (each its own file; each a no-op when off).
+3. The checkpoint's memory-mapped rank files are read key by key. For each key only the slice this process
+   holds is taken (glm/sharding.py's rules: a view of one file, or a concatenation of just the needed source
+   slices; never a merge of the whole tensor), so a checkpoint saved with any tensor-parallel size loads at
+   any other.
+4. Each slice goes to the module that owns it: `module.load_weight(name, tensor, dtype, device)` when the
+   module defines one (a quantized layer quantizes it there), otherwise it is cast, placed and assigned.
+   Then the source pages are dropped, so peak memory is the final model plus about one source tensor; a
+   tensor already in the target dtype on the CPU is not copied at all and stays memory-mapped.
+5. `module.finish_loading()` runs on every module that defines it; any tensor still on meta is an error.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-from glm.checkpoint import CheckpointError, check_state_dict, load_state_dict, read_metadata
+from glm.checkpoint import CheckpointError, ShardedCheckpoint, read_metadata
 from glm.config import GLMConfig
 from glm.model import GLM
+from glm.sharding import ShardSpec
 from glm.tokenizer import GLMTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A transform changes the model built on the meta device before any weight is read.
+Transform = Callable[[GLM], GLM]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -32,18 +52,97 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}") from None
 
 
+def assign_weight(
+    module: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype, device: torch.device
+) -> None:
+    """The default `load_weight`: cast floating tensors to `dtype`, place on `device`, assign in place of
+    the meta tensor. No copy is made when the tensor already has that dtype and device."""
+    current = getattr(module, name)
+    if tensor.shape != current.shape:
+        raise CheckpointError(
+            f"'{name}' of {type(module).__name__} has shape {tuple(tensor.shape)} in the checkpoint but the "
+            f"model needs {tuple(current.shape)} (wrong config, or a shard of another tensor-parallel size?)"
+        )
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    if not value.is_contiguous():  # a column slice of a source shard
+        value = value.contiguous()
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _check_keys(checkpoint: ShardedCheckpoint, config: GLMConfig) -> None:
+    """Every key of the plain model present with its full shape, before any weight is read. Keys the plain
+    model lacks (quantization scales) are left to the modules that load them."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GLM(config).state_dict().items()}
+    missing = [k for k in expected if k not in checkpoint.keys]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{checkpoint.folder}: missing keys {', '.join(missing[:3])}{more}")
+    for key in checkpoint.keys:
+        if (
+            key in expected
+            and checkpoint.shape(key) != expected[key]
+            and checkpoint.dtype(key).is_floating_point
+        ):
+            raise CheckpointError(
+                f"{checkpoint.folder}: '{key}' has shape {tuple(checkpoint.shape(key))} but the model config "
+                f"needs {tuple(expected[key])} (wrong config, or a shard of another tensor-parallel size?)"
+            )
+
+
+def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, device: torch.device) -> GLM:
+    """Stream the checkpoint into a (transformed) meta model, key by key; see the module docstring."""
+    _check_keys(checkpoint, model.config)
+    shard: ShardSpec = getattr(model, "shard", ShardSpec())
+    for key in checkpoint.keys:
+        owner_name, _, name = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            owner = None
+        if owner is None or not hasattr(owner, name):
+            raise CheckpointError(f"{checkpoint.folder}: unexpected key '{key}' for this model")
+        tensor = checkpoint.read(key, shard.rank, shard.world_size)
+        load = getattr(owner, "load_weight", None)
+        if load is not None:
+            load(name, tensor, dtype, device)
+        else:
+            assign_weight(owner, name, tensor, dtype, device)
+        loaded = getattr(owner, name, None)
+        kept_mapped = isinstance(loaded, Tensor) and loaded.untyped_storage().data_ptr() == (
+            tensor.untyped_storage().data_ptr()
+        )
+        del tensor
+        if not kept_mapped:
+            checkpoint.release(key)
+    for module in model.modules():
+        finish = getattr(module, "finish_loading", None)
+        if finish is not None:
+            finish()
+    unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unloaded:
+        more = f" and {len(unloaded) - 3} more" if len(unloaded) > 3 else ""
+        raise CheckpointError(f"{checkpoint.folder}: no weights for {', '.join(unloaded[:3])}{more}")
+    return model
+
+
 def load_model(
     folder: str | Path,
     config: GLMConfig | None = None,
     tokenizer: GLMTokenizer | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    transforms: Sequence[Transform] = (),
 ) -> tuple[GLM, GLMTokenizer | None]:
-    """Load a checkpoint folder in the original layout, with any number of tensor-parallel shards.
+    """Load a checkpoint folder in the original layout, saved with any number of tensor-parallel shards.
 
     `config` and `tokenizer` default to those stored in the folder's model_config.json (checkpoints this
     project writes); the original GLM-130B checkpoint has none, so pass the `glm-130b` preset and
-    `GLMTokenizer.icetk()` for it. Returns the model in eval mode and the tokenizer (None if unknown).
+    `GLMTokenizer.icetk()` for it. `transforms` are applied to the meta model before weights are read.
+    Returns the model in eval mode and the tokenizer (None if unknown).
     """
     folder = Path(folder)
     device = torch.device(device)
@@ -59,12 +158,12 @@ def load_model(
     if tokenizer is None and meta is not None and "tokenizer" in meta:
         tokenizer = GLMTokenizer.from_config(meta["tokenizer"], folder)
     target_dtype = resolve_dtype(dtype, device)
+    checkpoint = ShardedCheckpoint(folder)
 
-    state_dict, _ = load_state_dict(folder)
     with torch.device("meta"):
         model = GLM(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(state_dict, expected, str(folder))
-    state_dict = {k: v.to(device=device, dtype=target_dtype) for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, assign=True)
+    for transform in transforms:
+        model = transform(model)
+    model.compute_device = device
+    load_weights(model, checkpoint, target_dtype, device)
     return model.eval(), tokenizer

@@ -9,6 +9,7 @@ are. The model knows nothing of ranks, devices or quantization: those are transf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,29 +23,29 @@ MASKED_SCORE = -10000.0
 
 
 class KVCache:
-    """Static key/value buffers for every layer, allocated once and written by position.
+    """Static key/value buffers, one pair per layer, allocated once where that layer computes.
 
     Keys are stored after rotary. Rows are batch entries (beams included); `length` tokens are cached.
+    A layer's buffers hold the heads that layer computes (its local heads under tensor parallelism).
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        num_heads: int,
-        max_length: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
+        self.k, self.v = k, v  # per layer [b, nh, t, hn]
         self.length = 0
+
+    @classmethod
+    def for_model(cls, model: GLM, batch_size: int, max_length: int) -> KVCache:
+        k, v = [], []
+        for layer in model.transformer.layers:
+            attention = layer.attention
+            shape = (batch_size, attention.num_heads, max_length, attention.head_dim)
+            k.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
+            v.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
+        return cls(k, v)
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [b, nh, s, hn] after the cached tokens; return all keys and values so far."""
@@ -52,15 +53,16 @@ class KVCache:
         end = self.length + s
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} tokens; {end} requested")
-        self.k[layer, :b, :, self.length : end] = k
-        self.v[layer, :b, :, self.length : end] = v
-        return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
+        self.k[layer][:b, :, self.length : end] = k
+        self.v[layer][:b, :, self.length : end] = v
+        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
 
     def reorder(self, rows: Tensor) -> None:
         """Make row i hold what row rows[i] held (beam search), for the first len(rows) rows."""
         n = rows.numel()
-        self.k[:, :n, :, : self.length] = self.k[:, rows, :, : self.length]
-        self.v[:, :n, :, : self.length] = self.v[:, rows, :, : self.length]
+        for buffers in (self.k, self.v):
+            for buffer in buffers:
+                buffer[:n, :, : self.length] = buffer[rows.to(buffer.device), :, : self.length]
 
 
 def rotary_tables(
@@ -85,6 +87,47 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear with the two seams the transforms use.
+
+    `linear(x, bias)` computes x W^T (+ bias): a quantized layer overrides it. `reduce`, when set (tensor
+    parallelism sets it on row-parallel layers), sums the partial products across ranks before the bias is
+    added, so the bias is added once, not once per rank.
+    """
+
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reduce is None:
+            return self.linear(x, self.bias)
+        return self.reduce(self.linear(x, None)) + self.bias
+
+
+class OutputLayer(nn.Module):
+    """Logits from the word embeddings (tied): holds no weights of its own, so no state-dict keys.
+
+    `gather`, when set (vocabulary-parallel tensor parallelism), assembles the full vocabulary from the
+    local logits.
+    """
+
+    gather: Callable[[Tensor], Tensor] | None = None
+
+    def __init__(self, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self._tied = [word_embeddings]  # a list, so the embedding is not registered twice
+
+    @property
+    def weight(self) -> Tensor:
+        return self._tied[0].weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.weight)
+        return logits if self.gather is None else self.gather(logits)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GLMConfig, layer_id: int) -> None:
         super().__init__()
@@ -92,8 +135,8 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.layer_id = layer_id
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
         b, s, _ = x.shape
@@ -116,8 +159,8 @@ class SelfAttention(nn.Module):
 class GeGLU(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * config.inner_hidden_size)
+        self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)  # first half linear, second half gated
@@ -155,26 +198,23 @@ class GLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
+        self.output_layer = OutputLayer(self.transformer.word_embeddings)
+        # Where activations live and the KV cache is allocated. The loader sets it; with offload the weights
+        # may sit elsewhere (CPU memory, disk) while the computation stays here.
+        self.compute_device: torch.device | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.word_embeddings.weight.dtype
+        return self.transformer.final_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.word_embeddings.weight.device
+        if self.compute_device is not None:
+            return self.compute_device
+        return self.transformer.final_layernorm.weight.device
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        attention = self.transformer.layers[0].attention
-        return KVCache(
-            len(self.transformer.layers),
-            batch_size,
-            attention.num_heads,
-            max_length,
-            attention.head_dim,
-            self.dtype,
-            self.device,
-        )
+        return KVCache.for_model(self, batch_size, max_length)
 
     def forward(
         self,
@@ -207,7 +247,7 @@ class GLM(nn.Module):
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # [b, k, h]
         x = self.transformer.final_layernorm(x)
-        return F.linear(x, self.transformer.word_embeddings.weight)
+        return self.output_layer(x)
 
 
 def init_random_weights(model: GLM, seed: int = 0, std: float = 0.02) -> GLM:

@@ -8,6 +8,8 @@ dim 0 (the per-head [q|k|v] layout makes a contiguous split a split by heads), r
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,6 +43,14 @@ _RULES = {
     "attention.rotary_emb.inv_freq": Split.IGNORED,
     "rotary_emb.inv_freq": Split.IGNORED,
 }
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which tensor-parallel part of every weight a process holds: `rank` of `world_size`."""
+
+    rank: int = 0
+    world_size: int = 1
 
 
 def split_rule(key: str) -> Split:
@@ -123,3 +133,79 @@ def split_state_dict(state_dict: dict[str, Tensor], parts: int) -> list[dict[str
         for shard, piece in zip(shards, split_tensor(key, tensor, parts), strict=True):
             shard[key] = piece
     return shards
+
+
+def split_dim(rule: Split) -> int:
+    return 1 if rule is Split.COLUMNS else 0
+
+
+def full_shape(key: str, shapes: Sequence[torch.Size]) -> torch.Size:
+    """The unsharded shape of `key` from its shards' shapes (no data is read)."""
+    rule = split_rule(key)
+    if rule is Split.REPLICATED:
+        for rank, shape in enumerate(shapes[1:], start=1):
+            if shape != shapes[0]:
+                raise ValueError(
+                    f"{key}: replicated tensor has shape {tuple(shape)} on rank {rank} "
+                    f"but {tuple(shapes[0])} on rank 0"
+                )
+        return shapes[0]
+    dim = split_dim(rule)
+    for rank, shape in enumerate(shapes):
+        if len(shape) != len(shapes[0]) or any(
+            a != b for d, (a, b) in enumerate(zip(shape, shapes[0], strict=True)) if d != dim
+        ):
+            raise ValueError(
+                f"{key}: shard shapes differ across ranks ({tuple(shapes[0])} on rank 0, "
+                f"{tuple(shape)} on rank {rank})"
+            )
+    size = list(shapes[0])
+    size[dim] = sum(shape[dim] for shape in shapes)
+    return torch.Size(size)
+
+
+def _concat_range(pieces: Sequence[Tensor], dim: int, start: int, stop: int) -> list[Tensor]:
+    """The views of `pieces` (consecutive along `dim`) that cover [start, stop) of their concatenation."""
+    views, offset = [], 0
+    for piece in pieces:
+        size = piece.shape[dim]
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            views.append(piece.narrow(dim, lo - offset, hi - lo))
+        offset += size
+    return views
+
+
+def slice_views(key: str, sources: Sequence[Tensor], rank: int, world_size: int) -> list[Tensor]:
+    """The views of the source shards that make up part `rank` of `world_size` of `key`, in order.
+
+    Concatenating them (along the split dim, per GeGLU half for `dense_h_to_4h`) gives the target shard.
+    Only views are made: nothing is read or merged, so a memory-mapped source stays on disk except for the
+    slices actually used.
+    """
+    rule = split_rule(key)
+    if rule is Split.IGNORED:
+        raise ValueError(f"{key} is not a model weight")
+    if rule is Split.REPLICATED:
+        full_shape(key, [s.shape for s in sources])
+        return [sources[0]]
+    if world_size == len(sources):  # the source shard is the target shard
+        return [sources[rank]]
+    dim = split_dim(rule)
+    halves = 2 if rule is Split.GLU_ROWS else 1
+    total = full_shape(key, [s.shape for s in sources])[dim]
+    _check_divisible(key, total, halves * world_size)
+    part = total // halves // world_size
+    views = []
+    for half in range(halves):
+        pieces = [s.chunk(halves, dim=0)[half] for s in sources] if halves == 2 else list(sources)
+        views += _concat_range(pieces, dim, rank * part, (rank + 1) * part)
+    return views
+
+
+def read_slice(key: str, sources: Sequence[Tensor], rank: int, world_size: int) -> Tensor:
+    """Part `rank` of `world_size` of `key` from its source shards; a view when one source holds it all."""
+    views = slice_views(key, sources, rank, world_size)
+    if len(views) == 1:
+        return views[0]
+    return torch.cat(views, dim=split_dim(split_rule(key)))

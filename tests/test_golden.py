@@ -43,8 +43,8 @@ def test_kv_cache_holds_reference_mem_kv(sat_tiny, reference):
     with torch.no_grad():
         sat_tiny(reference["tokens"], reference["position_ids"], reference["attention_mask"], cache)
     # mem_kv per token is [K after rotary | V], each heads in order: [L, b, s, 2*nh*hn]
-    k = cache.k[:, :, :, :12].permute(0, 1, 3, 2, 4).flatten(3)
-    v = cache.v[:, :, :, :12].permute(0, 1, 3, 2, 4).flatten(3)
+    k = torch.stack(cache.k)[:, :, :, :12].permute(0, 1, 3, 2, 4).flatten(3)
+    v = torch.stack(cache.v)[:, :, :, :12].permute(0, 1, 3, 2, 4).flatten(3)
     torch.testing.assert_close(torch.cat([k, v], dim=-1), reference["mem_kv_full"], atol=1e-5, rtol=0)
 
 
