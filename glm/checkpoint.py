@@ -233,6 +233,41 @@ def check_tensor_parallel_size(config: GLMConfig, size: int) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+_OWNER_FILE = ".writing-pid"
+
+
+def remove_stale_temp_folders(folder: Path) -> list[Path]:
+    """Remove temporary folders an earlier, killed write of `folder` left beside it (their writing process
+    is gone); returns what was removed."""
+    removed = []
+    for candidate in folder.parent.glob(f".{folder.name}.*"):
+        owner = candidate / _OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not ours
+        if not _pid_alive(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
 def write_checkpoint(
     folder: str | Path,
     rank_state_dict: Callable[[int], dict[str, Tensor]],
@@ -241,13 +276,14 @@ def write_checkpoint(
     tokenizer: GLMTokenizer | dict | None = None,
     tag: str = "release",
     overwrite: bool = False,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint in the original layout plus model_config.json and the tokenizer file.
 
     rank_state_dict(r) gives rank r's state dict (called once per rank, so shards can be made one at a
     time). `tokenizer` may also be a stored icetk tokenizer config (icetk's model file is the user's own
-    copy, never shipped). Written into a temporary folder beside `folder` and renamed at the end, so a
-    failure leaves nothing behind.
+    copy, never shipped). Written into a temporary folder beside `folder` (holding the writer's pid, so a
+    rerun after a kill can remove it) and renamed at the end, so a failure leaves nothing behind.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -256,6 +292,7 @@ def write_checkpoint(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        (tmp / _OWNER_FILE).write_text(str(os.getpid()))
         (tmp / tag).mkdir()
         dtype = None
         for rank in range(tensor_parallel_size):
@@ -270,6 +307,7 @@ def write_checkpoint(
             "tensor_parallel_size": tensor_parallel_size,
             "dtype": str(dtype).removeprefix("torch."),
             "quantization_bit_width": None,
+            **(extra_metadata or {}),
         }
         if isinstance(tokenizer, GLMTokenizer):
             meta["tokenizer"] = tokenizer.to_config()
@@ -278,7 +316,8 @@ def write_checkpoint(
         elif tokenizer is not None:
             meta["tokenizer"] = tokenizer
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.chmod(0o755)  # mkdtemp creates it private
+        (tmp / _OWNER_FILE).unlink()
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates it private
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

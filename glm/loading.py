@@ -72,9 +72,9 @@ def assign_weight(
         module._buffers[name] = value
 
 
-def _check_keys(checkpoint: ShardedCheckpoint, config: GLMConfig) -> None:
+def check_keys(checkpoint: ShardedCheckpoint, config: GLMConfig, exact: bool = False) -> None:
     """Every key of the plain model present with its full shape, before any weight is read. Keys the plain
-    model lacks (quantization scales) are left to the modules that load them."""
+    model lacks (quantization scales) are left to the modules that load them, unless `exact`."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GLM(config).state_dict().items()}
     missing = [k for k in expected if k not in checkpoint.keys]
@@ -95,7 +95,7 @@ def _check_keys(checkpoint: ShardedCheckpoint, config: GLMConfig) -> None:
 
 def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, device: torch.device) -> GLM:
     """Stream the checkpoint into a (transformed) meta model, key by key; see the module docstring."""
-    _check_keys(checkpoint, model.config)
+    check_keys(checkpoint, model.config)
     shard: ShardSpec = getattr(model, "shard", ShardSpec())
     for key in checkpoint.keys:
         owner_name, _, name = key.rpartition(".")

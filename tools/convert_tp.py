@@ -3,70 +3,73 @@
     python tools/convert_tp.py --input-folder glm-130b-sat --output-folder glm-130b-tp4 --target-tp 4 \\
         --config glm-130b
 
-The split rules are the original convert_tp.py's (glm/sharding.py). Unlike it: `latest` may end in a
-newline, sizes are checked for divisibility, every shard's keys and shapes are checked against the model
-config, the output is written one target rank at a time from memory-mapped inputs (peak memory about one
-output shard plus one full tensor, not the whole model), and nothing is left behind if it fails.
+The split rules are the original convert_tp.py's (glm/sharding.py), applied as the loader applies them:
+each output rank reads from the memory-mapped input shards only the slices it holds, so the whole
+conversion reads each input byte about once (the original merged every tensor in RAM; an earlier version of
+this tool merged every key once per output rank) and peak memory is about one output shard. Unlike the
+original: `latest` may end in a newline, sizes are checked for divisibility, every key and shape is checked
+against the model config before anything is written, and the output folder appears only when complete (a
+temporary folder is renamed at the end; Ctrl-C or SIGTERM removes it, and a rerun removes one a killed run
+left behind).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from glm.api import resolve_config
-from glm.checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    load_shard,
-    read_metadata,
-    read_tag,
-    shard_paths,
-    write_checkpoint,
-)
-from glm.config import GLMConfig
-from glm.model import GLM
-from glm.sharding import Split, merge_tensors, split_rule, split_tensor
-from glm.tokenizer import GLMTokenizer
+if TYPE_CHECKING:  # torch is imported only after the arguments are parsed, so --help is instant
+    from glm.config import GLMConfig
 
 
-def convert(input_folder: Path, output_folder: Path, target_tp: int, config: GLMConfig | None = None) -> Path:
+def convert(
+    input_folder: Path, output_folder: Path, target_tp: int, config: GLMConfig | None = None
+) -> tuple[Path, int]:
+    """Write `output_folder` with `target_tp` shards; returns it and the number of input bytes read."""
+    from glm.checkpoint import (
+        CheckpointError,
+        ShardedCheckpoint,
+        check_tensor_parallel_size,
+        read_metadata,
+        read_tag,
+        write_checkpoint,
+    )
+    from glm.config import GLMConfig
+    from glm.loading import check_keys
+    from glm.tokenizer import GLMTokenizer
+
     meta = read_metadata(input_folder) or {}
     if config is None:
         if "model" not in meta:
             raise CheckpointError(f"{input_folder} has no model_config.json: pass --config (e.g. glm-130b)")
         config = GLMConfig.from_dict(meta["model"])
-    paths = shard_paths(input_folder)
-    shards = [load_shard(p) for p in paths]  # memory-mapped: read as each key is converted
-    keys = [k for k in shards[0] if split_rule(k) is not Split.IGNORED]
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GLM(config).state_dict().items()}
+    check_tensor_parallel_size(config, target_tp)
+    checkpoint = ShardedCheckpoint(input_folder)
+    check_keys(checkpoint, config, exact=True)
 
-    unexpected, missing = set(keys) - set(expected), set(expected) - set(keys)
-    if unexpected or missing:
-        which = f"unexpected key '{min(unexpected)}'" if unexpected else f"missing key '{min(missing)}'"
-        raise CheckpointError(f"{paths[0]}: {which} for the model config")
-
-    def rank_state_dict(rank: int) -> dict[str, torch.Tensor]:
+    def rank_state_dict(rank: int) -> dict:
         state_dict = {}
-        for key in keys:
-            try:
-                full = merge_tensors(key, [s[key] for s in shards])
-            except (KeyError, ValueError) as e:
-                raise CheckpointError(f"{input_folder}: cannot merge {len(paths)} shards: {e}") from None
-            check_state_dict({key: full}, {key: expected[key]}, str(input_folder))
-            state_dict[key] = split_tensor(key, full, target_tp)[rank]
+        for key in checkpoint.keys:
+            piece = checkpoint.read(key, rank, target_tp)
+            if piece.untyped_storage().nbytes() != piece.numel() * piece.element_size():
+                piece = piece.clone()  # a view: torch.save would write the whole source storage
+            state_dict[key] = piece
         return state_dict
 
     tokenizer: GLMTokenizer | dict | None = meta.get("tokenizer")
     if tokenizer is not None and tokenizer.get("type") != "icetk":
         tokenizer = GLMTokenizer.from_config(tokenizer, input_folder)
-    return write_checkpoint(
+    out = write_checkpoint(
         output_folder, rank_state_dict, config, target_tp, tokenizer, read_tag(input_folder)
     )
+    return out, checkpoint.bytes_read
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through write_checkpoint, which removes its temporary folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,17 +78,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input-folder", required=True, type=Path, help="checkpoint folder (holds 'latest')")
     parser.add_argument("--output-folder", required=True, type=Path, help="new folder; must not exist")
-    parser.add_argument("--target-tp", type=int, default=4, help="tensor-parallel size to write")
+    parser.add_argument(
+        "--target-tp", required=True, type=int, help="tensor-parallel size to write (must divide the heads)"
+    )
     parser.add_argument(
         "--config", help="model preset or config JSON, for checkpoints without model_config.json"
     )
     args = parser.parse_args(argv)
+
+    from glm.api import resolve_config
+    from glm.checkpoint import CheckpointError, remove_stale_temp_folders
+
+    for stale in remove_stale_temp_folders(args.output_folder):
+        print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        out = convert(args.input_folder, args.output_folder, args.target_tp, resolve_config(args.config))
+        out, read = convert(
+            args.input_folder, args.output_folder, args.target_tp, resolve_config(args.config)
+        )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} with {args.target_tp} shard(s)")
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.output_folder}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"wrote {out} with {args.target_tp} shard(s), read {read / 2**20:.1f} MiB of input")
     return 0
 
 
