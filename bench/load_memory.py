@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         folders = [(str(c), c) for c in args.checkpoint]
         for shards in args.shards if args.preset else []:
             folder = make_checkpoint(args.preset, shards, Path(tmp) / f"{args.preset}-tp{shards}")

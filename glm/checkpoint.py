@@ -126,8 +126,6 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {meta['format_version']}; upgrade this project")
-    if meta.get("quantization_bit_width"):
-        raise CheckpointError(f"{path}: quantized checkpoints are not supported by this loader")
     return meta
 
 
@@ -196,10 +194,14 @@ class ShardedCheckpoint:
         self.bytes_read += sum(v.numel() * v.element_size() for v in views)
         return views[0] if len(views) == 1 else torch.cat(views, dim=split_dim(split_rule(key)))
 
-    def release(self, key: str) -> None:
-        """Drop the pages of `key` this process touched (after its slice has been copied elsewhere)."""
-        if self.mapped:
-            for shard in self.shards:
+    def release(self, key: str, kept: Tensor | None = None) -> None:
+        """Drop the pages of `key` this process touched, once its slice has been copied elsewhere; a source
+        whose storage `kept` still uses (a tensor loaded without a copy) keeps its pages."""
+        if not self.mapped:
+            return
+        in_use = kept.untyped_storage().data_ptr() if isinstance(kept, Tensor) and kept.numel() else None
+        for shard in self.shards:
+            if shard[key].untyped_storage().data_ptr() != in_use:
                 _drop_pages(shard[key])
 
 

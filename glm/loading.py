@@ -111,13 +111,8 @@ def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, 
             load(name, tensor, dtype, device)
         else:
             assign_weight(owner, name, tensor, dtype, device)
-        loaded = getattr(owner, name, None)
-        kept_mapped = isinstance(loaded, Tensor) and loaded.untyped_storage().data_ptr() == (
-            tensor.untyped_storage().data_ptr()
-        )
         del tensor
-        if not kept_mapped:
-            checkpoint.release(key)
+        checkpoint.release(key, kept=getattr(owner, name, None))
     for module in model.modules():
         finish = getattr(module, "finish_loading", None)
         if finish is not None:
