@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from glm.checkpoint import CheckpointError
 from glm.config import PRESETS, GLMConfig, get_preset
-from glm.loading import load_model
+from glm.loading import Transform, load_model, resolve_dtype
 from glm.model import GLM
+from glm.offload import add_offload_arguments, offload_from_args
+from glm.run_config import apply_run_config
 from glm.tokenizer import GLMTokenizer
 
 # The model `scripts/generate.sh` runs when no checkpoint is given.
@@ -37,6 +39,7 @@ def load(
     tokenizer_type: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    transforms: Sequence[Transform] = (),
 ) -> tuple[GLM, GLMTokenizer]:
     """Model and tokenizer from a checkpoint folder; config and tokenizer default to those stored with it.
 
@@ -48,7 +51,9 @@ def load(
         tok = GLMTokenizer.sentencepiece(tokenizer)
     else:
         tok = None
-    model, tok = load_model(checkpoint, resolve_config(config), tok, dtype=dtype, device=device)
+    model, tok = load_model(
+        checkpoint, resolve_config(config), tok, dtype=dtype, device=device, transforms=transforms
+    )
     if tok is None:
         raise ValueError(
             f"{checkpoint} stores no tokenizer: pass --tokenizer FILE, or --tokenizer-type icetk for GLM-130B"
@@ -67,7 +72,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--checkpoint", default=str(DEFAULT_MODEL), help="checkpoint folder (original layout)")
     model.add_argument(
         "--config",
-        help="model config JSON or preset name (glm-130b, ...) for checkpoints without model_config.json",
+        help="run config: a preset of configs/ (glm-130b, glm-130b-int4, ...) or a YAML file, whose keys "
+        "are defaults for these flags; or a model-shape JSON file or preset",
     )
     model.add_argument(
         "--tokenizer",
@@ -79,13 +85,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="icetk: GLM-130B's (ice_text.model, default in ~/.icetk_models); default: the checkpoint's",
     )
     model.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16"
+        "--dtype", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16 (default: auto)"
     )
-    model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    model.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    add_offload_arguments(parser)
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
-    return load(args.checkpoint, args.config, args.tokenizer, args.tokenizer_type, args.dtype, args.device)
+    run = apply_run_config(args)  # flags left unset take the run config's values
+    args.dtype, args.device = args.dtype or "auto", args.device or "cpu"
+    device = torch.device(args.device)
+    offload = offload_from_args(args, device, resolve_dtype(args.dtype, device))
+    return load(
+        args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, [offload]
+    )
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:

@@ -1,0 +1,494 @@
+"""Weight offload under a memory budget: a transform of the meta model, a no-op when off.
+
+`Offload(max_memory, device, dtype)` is the last load transform (after tensor parallelism and
+quantization), so it sees each rank's own, possibly quantized, modules and budgets per rank. It keeps
+resident on the compute device the embedding (tied to the output layer), the LayerNorms and as many of the
+blocks' weight matrices (`query_key_value`, `attention.dense`, `dense_h_to_4h`, `dense_4h_to_h`, each with
+everything it holds: weight, bias, quantization scales, packed bytes) as fit, layer by layer from the first,
+and streams the rest, one matrix at a time, into two buffers the size of the largest one: while one matrix
+computes, the next is copied into the other buffer.
+
+- On CUDA the streamed matrices live in pinned CPU memory and are copied on a second stream.
+- On a CPU-only machine they are written once, while loading, to a file in an offload folder (the compute
+  dtype, or the packed quantized bytes) and read back by a background thread with `pread`; the pages are
+  dropped from the page cache after each read, so neither the process nor the page cache holds more than
+  the budget (each token reads the streamed weights from disk).
+
+The budget (`--max-memory`) counts weights only: the resident ones plus the two buffers. The KV cache and
+activations come on top (`python -m glm.plan` adds them up). Outputs are bit-identical to a run without
+offload: the same bytes reach the same kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import mmap
+import os
+import re
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from glm.loading import assign_weight
+
+# The blocks' submodules that are streamed, each a unit of its own, in forward order.
+STREAMED_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+NUM_BUFFERS = 2
+_PAGE = mmap.PAGESIZE
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_SLOT_ALIGN = 64  # tensor views into a buffer start at a multiple of this
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_UNITS |= {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+class OffloadError(ValueError):
+    """A budget the model cannot run under; the message names the minimum."""
+
+
+def parse_memory(text: str | int, total: int | None = None) -> int:
+    """Bytes from '22GiB', '22GB', '500MiB', '1e9' or an int; '25%' is a share of `total`."""
+    if isinstance(text, int):
+        return text
+    value = text.strip().lower().replace(" ", "")
+    if value.endswith("%"):
+        if total is None:
+            raise ValueError(f"memory '{text}': a percentage needs the model's size")
+        return int(float(value[:-1]) / 100 * total)
+    match = re.fullmatch(r"([0-9.e+]+)([kmgt]i?b|b)?", value)
+    if not match:
+        raise ValueError(f"memory '{text}' is not a size: write e.g. 22GiB, 500MB or 25%")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def tensor_bytes(tensor: Tensor, dtype: torch.dtype) -> int:
+    """Bytes a (meta) tensor will take once loaded: floating tensors in `dtype`, others as they are."""
+    size = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
+    return tensor.numel() * size
+
+
+def _aligned(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _local_tensors(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every parameter and buffer of a module and its submodules."""
+    return [
+        (owner, name)
+        for owner in module.modules()
+        for name in [*owner._parameters, *owner._buffers]
+        if getattr(owner, name) is not None
+    ]
+
+
+def streamable_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules offload may stream, in forward order, with their names."""
+    return [
+        (f"transformer.layers.{i}.{path}", layer.get_submodule(path))
+        for i, layer in enumerate(model.transformer.layers)
+        for path in STREAMED_MODULES
+    ]
+
+
+def unit_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of one unit as laid out in a streaming buffer."""
+    return sum(_aligned(tensor_bytes(getattr(o, n), dtype), _SLOT_ALIGN) for o, n in _local_tensors(module))
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Which units stay resident under a budget, from the (meta) model's own tensors."""
+
+    max_memory: int | None
+    total_bytes: int  # all weights
+    fixed_bytes: int  # always resident: embedding, LayerNorms, anything outside the streamable units
+    resident_units: tuple[str, ...]
+    streamed_units: tuple[str, ...]
+    resident_bytes: int  # all resident weights, fixed included
+    streamed_bytes: int  # read per forward pass
+    buffer_bytes: int  # the streaming buffers
+
+    @property
+    def device_bytes(self) -> int:
+        """Weights on the compute device: resident ones plus the buffers."""
+        return self.resident_bytes + self.buffer_bytes
+
+    @property
+    def streamed_layers(self) -> int:
+        return len({name.split(".")[2] for name in self.streamed_units})
+
+
+def plan_offload(model: nn.Module, max_memory: str | int | None, dtype: torch.dtype) -> OffloadPlan:
+    """Keep the fixed weights and then units in forward order while they fit in `max_memory` together with
+    the streaming buffers; stream the rest. No budget, or one the whole model fits in, streams nothing."""
+    units = streamable_units(model)
+    sizes = [unit_bytes(m, dtype) for _, m in units]
+    total = sum(tensor_bytes(t, dtype) for t in [*model.parameters(), *model.buffers()])
+    streamable = sum(tensor_bytes(getattr(o, n), dtype) for _, m in units for o, n in _local_tensors(m))
+    fixed = total - streamable
+    names = tuple(name for name, _ in units)
+    budget = None if max_memory is None else parse_memory(max_memory, total)
+    if budget is None or budget >= total:
+        return OffloadPlan(budget, total, fixed, names, (), total, 0, 0)
+    buffers = NUM_BUFFERS * max(sizes)
+    room = budget - fixed - buffers
+    if room < 0:
+        raise OffloadError(
+            f"--max-memory {format_bytes(budget)} is below the minimum for streaming this model: "
+            f"{format_bytes(fixed + buffers)} ({format_bytes(fixed)} embedding and LayerNorms stay resident, "
+            f"plus {NUM_BUFFERS} buffers of {format_bytes(max(sizes))}); raise it or quantize"
+        )
+    resident = 0
+    while resident < len(units) and sizes[resident] <= room:
+        room -= sizes[resident]
+        resident += 1
+    streamed = [o_n for _, m in units[resident:] for o_n in _local_tensors(m)]
+    streamed_bytes = sum(tensor_bytes(getattr(o, n), dtype) for o, n in streamed)
+    return OffloadPlan(
+        budget,
+        total,
+        fixed,
+        names[:resident],
+        names[resident:],
+        total - streamed_bytes,
+        streamed_bytes,
+        buffers if resident < len(units) else 0,
+    )
+
+
+@dataclass
+class _Entry:
+    """One tensor of a streamed unit: where it sits in a buffer and in the store."""
+
+    owner: nn.Module
+    name: str
+    is_parameter: bool
+    stored: Tensor  # the store's copy: a file-backed view (disk) or pinned memory (CUDA)
+    slot_offset: int
+    nbytes: int
+    file_offset: int = -1
+    mapping: mmap.mmap | None = None
+
+
+class _Unit:
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name, self.module = name, module
+        self.entries: list[_Entry] = []
+
+    @property
+    def nbytes(self) -> int:
+        return max((e.slot_offset + e.nbytes for e in self.entries), default=0)
+
+    def bind(self, views: Callable[[_Entry], Tensor]) -> None:
+        for entry in self.entries:
+            value = views(entry)
+            if entry.is_parameter:
+                entry.owner._parameters[entry.name] = nn.Parameter(value, requires_grad=False)
+            else:
+                entry.owner._buffers[entry.name] = value
+
+
+def _view(buffer: Tensor, offset: int, like: Tensor) -> Tensor:
+    return buffer[offset : offset + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _memoryview(tensor: Tensor, offset: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr() + offset)).cast("B")
+
+
+class DiskStore:
+    """Streamed tensors in one file of an offload folder, read back with pread by one background thread."""
+
+    def __init__(self, folder: str | Path | None, drop_page_cache: bool = True) -> None:
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="glm-offload-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        else:
+            self.folder = Path(folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="weights-", suffix=".bin", dir=self.folder)
+        self.path = Path(path)
+        self.fd = fd
+        weakref.finalize(self, _close_and_remove, fd, self.path)
+        self.size = 0
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-offload")
+        self.read_seconds = 0.0
+
+    def put(self, entry: _Entry, value: Tensor) -> None:
+        """Append `value` to the file; entry.stored becomes a read-only file-backed view of it."""
+        value = value.contiguous()
+        offset, n = self.size, value.numel() * value.element_size()
+        view = _memoryview(value, 0, n) if n else b""
+        written = 0
+        while written < n:
+            written += os.pwrite(self.fd, view[written:], offset + written)
+        self.size = _aligned(offset + n, _PAGE)
+        if n:
+            os.ftruncate(self.fd, self.size)
+            entry.mapping = mmap.mmap(self.fd, _aligned(n, _PAGE), offset=offset, access=mmap.ACCESS_COPY)
+            raw = torch.frombuffer(entry.mapping, dtype=torch.uint8, count=n)
+            entry.stored = raw.view(value.dtype).view(value.shape)
+        else:
+            entry.stored = value
+        entry.file_offset, entry.nbytes = offset, n
+
+    def release(self, entry: _Entry) -> None:
+        """Drop the pages of an entry's file-backed view (after a module's finish_loading touched them)."""
+        if entry.mapping is not None and hasattr(entry.mapping, "madvise"):
+            entry.mapping.madvise(mmap.MADV_DONTNEED)
+        if self.drop_page_cache and entry.nbytes:
+            os.posix_fadvise(self.fd, entry.file_offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _read(self, unit: _Unit, slot: Tensor) -> None:
+        start = time.perf_counter()
+        for entry in unit.entries:
+            view = _memoryview(slot, entry.slot_offset, entry.nbytes)
+            done = 0
+            while done < entry.nbytes:
+                got = os.preadv(self.fd, [view[done:]], entry.file_offset + done)
+                if got <= 0:
+                    raise OSError(f"{self.path}: short read at {entry.file_offset + done}")
+                done += got
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fd, entry.file_offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
+        self.read_seconds += time.perf_counter() - start
+
+    def fetch(self, unit: _Unit, slot: Tensor, slot_index: int) -> concurrent.futures.Future:
+        # One worker: fetches run in submission order, so a slot is never written by two at once.
+        return self.pool.submit(self._read, unit, slot)
+
+    def wait(self, pending: concurrent.futures.Future) -> None:
+        pending.result()
+
+    def slot_free(self, slot_index: int) -> None:  # reads are synchronous with the compute thread's order
+        pass
+
+
+def _keep_large_allocations_returnable() -> None:
+    """Make glibc serve every large allocation with its own mapping. By default, once a large block is
+    freed, glibc raises its threshold and serves blocks up to that size from the heap, which is rarely
+    returned to the system: streaming's loading frees one cast tensor per weight and would leave the heap
+    holding tens of MiB beyond the budget."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
+def _close_and_remove(fd: int, path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    path.unlink(missing_ok=True)
+
+
+class PinnedStore:
+    """Streamed tensors in pinned CPU memory, copied to the GPU on a copy stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.ready = [torch.cuda.Event() for _ in range(NUM_BUFFERS)]
+        self.free = [torch.cuda.Event() for _ in range(NUM_BUFFERS)]
+        self.read_seconds = float("nan")  # asynchronous: not measured per copy
+
+    def put(self, entry: _Entry, value: Tensor) -> None:
+        pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        pinned.copy_(value)
+        entry.stored, entry.nbytes = pinned, pinned.numel() * pinned.element_size()
+
+    def release(self, entry: _Entry) -> None:
+        pass
+
+    def fetch(self, unit: _Unit, slot: Tensor, slot_index: int) -> torch.cuda.Event:
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.free[slot_index])
+            for entry in unit.entries:
+                _view(slot, entry.slot_offset, entry.stored).copy_(entry.stored, non_blocking=True)
+            self.ready[slot_index].record(self.stream)
+        return self.ready[slot_index]
+
+    def wait(self, pending: torch.cuda.Event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(pending)
+
+    def slot_free(self, slot_index: int) -> None:
+        self.free[slot_index].record(torch.cuda.current_stream(self.device))
+
+
+class WeightStreamer:
+    """Streams the planned units through the buffers; attached to the model as `model.offload`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: OffloadPlan,
+        device: torch.device,
+        store: DiskStore | PinnedStore,
+    ) -> None:
+        self.plan, self.device, self.store = plan, device, store
+        modules = dict(streamable_units(model))
+        self.units = [_Unit(name, modules[name]) for name in plan.streamed_units]
+        self.buffers: list[Tensor] | None = None
+        self.holding: list[int | None] = [None] * NUM_BUFFERS  # unit index each buffer holds or receives
+        self.pending: list[object] = [None] * NUM_BUFFERS
+        self.bytes_streamed = 0
+        self.wait_seconds = 0.0
+        for index, unit in enumerate(self.units):
+            self._intercept_loading(unit)
+            unit.module.register_forward_pre_hook(lambda _m, _a, i=index: self._before(i))
+            unit.module.register_forward_hook(lambda _m, _a, _o, i=index: self._after(i))
+
+    # Loading: each tensor of a streamed unit goes to the store as it arrives, never to the device.
+    def _intercept_loading(self, unit: _Unit) -> None:
+        for owner in unit.module.modules():
+            original = getattr(owner, "load_weight", None)
+
+            def load_weight(name, tensor, dtype, device, owner=owner, original=original):
+                if original is not None:
+                    original(name, tensor, dtype, torch.device("cpu"))
+                else:
+                    assign_weight(owner, name, tensor, dtype, torch.device("cpu"))
+                self._stash(unit)
+
+            owner.load_weight = load_weight
+        original_finish = getattr(unit.module, "finish_loading", None)
+
+        def finish_loading() -> None:
+            if original_finish is not None:
+                original_finish()
+            self._stash(unit)
+            for entry in unit.entries:
+                self.store.release(entry)
+
+        unit.module.finish_loading = finish_loading
+
+    def _stash(self, unit: _Unit) -> None:
+        """Move the unit's loaded tensors that the store does not hold yet into it."""
+        current = {(id(e.owner), e.name): e for e in unit.entries}
+        for owner, name in _local_tensors(unit.module):
+            value = getattr(owner, name)
+            entry = current.get((id(owner), name))
+            if value.is_meta or (entry is not None and _same(value, entry.stored)):
+                continue
+            if entry is not None:
+                unit.entries.remove(entry)
+            entry = _Entry(owner, name, name in owner._parameters, value, 0, 0)
+            self.store.put(entry, value.detach().cpu())
+            entry.slot_offset = _aligned(unit.nbytes, _SLOT_ALIGN)
+            unit.entries.append(entry)
+            unit.bind(lambda e: e.stored)
+            self.store.release(entry)
+
+    # Running: fetch unit i+1 into the other buffer while unit i computes.
+    def _allocate(self) -> None:
+        size = max(u.nbytes for u in self.units)
+        self.buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(NUM_BUFFERS)]
+
+    def _fetch(self, index: int, slot: int) -> None:
+        self.holding[slot] = index
+        self.pending[slot] = self.store.fetch(self.units[index], self.buffers[slot], slot)
+        self.bytes_streamed += self.units[index].nbytes
+
+    def _before(self, index: int) -> None:
+        if self.buffers is None:
+            self._allocate()
+        following = (index + 1) % len(self.units)
+        if index in self.holding:
+            slot = self.holding.index(index)
+        else:  # not predicted (first call, or an unusual order): fetch it now
+            slot = 1 if self.holding[0] == following else 0
+            self._fetch(index, slot)
+        start = time.perf_counter()
+        self.store.wait(self.pending[slot])
+        self.wait_seconds += time.perf_counter() - start
+        buffer = self.buffers[slot]
+        self.units[index].bind(lambda e: _view(buffer, e.slot_offset, e.stored))
+        if following not in self.holding:
+            self._fetch(following, 1 - slot)
+
+    def _after(self, index: int) -> None:
+        slot = self.holding.index(index)
+        self.units[index].bind(lambda e: e.stored)
+        self.store.slot_free(slot)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "bytes_streamed": self.bytes_streamed,
+            "wait_seconds": self.wait_seconds,
+            "read_seconds": self.store.read_seconds,
+        }
+
+
+class Offload:
+    """The offload transform: `Offload("22GiB", device, dtype)(meta_model)`. `max_memory` None: a no-op."""
+
+    def __init__(
+        self,
+        max_memory: str | int | None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        folder: str | Path | None = None,
+        drop_page_cache: bool = True,
+    ) -> None:
+        self.max_memory, self.device, self.dtype = max_memory, torch.device(device), dtype
+        self.folder, self.drop_page_cache = folder, drop_page_cache
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        if self.max_memory is None:
+            return model
+        plan = plan_offload(model, self.max_memory, self.dtype)
+        if not plan.streamed_units:
+            return model
+        if self.device.type == "cuda":
+            store: DiskStore | PinnedStore = PinnedStore(self.device)
+        elif self.device.type == "cpu":
+            store = DiskStore(self.folder, self.drop_page_cache)
+            _keep_large_allocations_returnable()
+        else:
+            raise OffloadError(f"offload supports cpu and cuda devices, not {self.device}")
+        model.offload = WeightStreamer(model, plan, self.device, store)
+        return model
+
+
+def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The offload flags; `offload_from_args` reads them."""
+    group = parser.add_argument_group("weight offload")
+    group.add_argument(
+        "--max-memory",
+        help="weights the device may hold (per tensor-parallel rank), e.g. 22GiB or 25%% of the model; "
+        "the rest streams from CPU memory (GPU) or from disk (CPU). Default: everything resident",
+    )
+    group.add_argument(
+        "--offload-folder",
+        help="folder for the streamed weights on a CPU-only machine (default: a temporary folder)",
+    )
+
+
+def offload_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Offload:
+    max_memory = getattr(args, "max_memory", None)
+    if max_memory is not None:
+        parse_memory(max_memory, 1)  # reject a malformed size before anything loads
+    return Offload(max_memory, device, dtype, getattr(args, "offload_folder", None))
