@@ -4,7 +4,8 @@ The inputs follow GLM-130B's blank infilling: the context (ending in `sop`) is b
 `sop`, which with everything generated after it is causal; positions are linear for `[gMASK]` and all equal
 to the mask's position from `sop` on for `[MASK]`/`[sMASK]`. Batches are right-padded as in the original
 (`evaluation/model.py::batch_filling_sequence`), and every sample gets its own positions and mask, so a batch
-gives each sample the logits it would get alone.
+gives each sample the logits it would get alone; the strategy is told each sample's own context length, so
+its choices (beam search's length penalty and n-gram bans) do not depend on the padding either.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glm.distributed import synchronized
 from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 
@@ -95,6 +97,7 @@ def generate(
         raise ValueError(f"max_gen_length must be at least 1, got {max_gen_length}")
     if mask_positions is None:
         mask_positions = [None] * len(contexts)
+    strategy = synchronized(strategy)  # tensor parallel: rank 0 decides each step for every rank
     device = model.device
     inputs = build_inputs(contexts, max_gen_length, mask_positions, device, unidirectional)
     batch, padded = inputs.tokens.shape
@@ -109,7 +112,12 @@ def generate(
         cache,
         logits_at=(inputs.context_lengths - 1)[:, None],
     )  # [B, 1, V]
-    tokens = inputs.tokens[:, None, :]  # [B, 1, P]
+    # The strategy sees each context left-aligned to the generated tokens (padding first) and its length,
+    # so it can tell a sample's own tokens from the padding; the model keeps the right-padded layout.
+    lengths = inputs.context_lengths.tolist()
+    tokens = torch.full((batch, 1, padded), PAD_TOKEN, dtype=torch.long, device=device)  # [B, 1, P]
+    for i, n in enumerate(lengths):
+        tokens[i, 0, padded - n :] = inputs.tokens[i, :n]
     rows = torch.arange(batch, device=device)  # sample of each cache row
     for column in range(padded, total):
         if column > padded:
@@ -121,7 +129,7 @@ def generate(
                 cache,
             )  # [B*beams, 1, V]
         beams_before = tokens.shape[1]
-        tokens, source = strategy.forward(logits.view(batch, beams_before, -1), tokens)
+        tokens, source = strategy.forward(logits.view(batch, beams_before, -1), tokens, lengths)
         beams = tokens.shape[1]
         if source is not None:
             offsets = torch.arange(batch, device=device)[:, None] * beams_before
@@ -133,6 +141,4 @@ def generate(
             break
 
     outputs = strategy.finalize(tokens)
-    lengths = inputs.context_lengths.tolist()
-    # Drop each sample's padding between its context and the generated tokens.
-    return [[beam[:n] + beam[padded:] for beam in beams] for beams, n in zip(outputs, lengths, strict=True)]
+    return [[beam[padded - n :] for beam in beams] for beams, n in zip(outputs, lengths, strict=True)]

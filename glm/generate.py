@@ -175,7 +175,7 @@ def interactive(
             query_id, text = split_id(line, args.with_id, 1)
             print("Generating: ", end="", flush=True)
             (answers,) = fill_blanks(
-                model, tokenizer, [text], options, on_text=lambda t: print(t, end="", flush=True)
+                model, tokenizer, [text], options, on_text=lambda t, _: print(t, end="", flush=True)
             )
             print()
         except ValueError as e:  # a bad query: say why and ask for the next one

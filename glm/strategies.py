@@ -4,8 +4,14 @@ A plain-PyTorch port of GLM-130B's `generation/strategies.py` (with SwissArmyTra
 with the original's bugs fixed: top-p works per row for any batch size, `no_repeat_ngram_size=1` bans every
 token already generated, and beam search survives steps that yield fewer than `num_beams` continuations.
 
-The decoding loop calls `forward(logits [B, nb, V], tokens [B, nb, L])` once per generated token, reorders
-its KV cache with the returned source beam indices, stops when `is_done`, then calls `finalize(tokens)`.
+The decoding loop calls `forward(logits [B, nb, V], tokens [B, nb, L], context_lengths)` once per generated
+token, reorders its KV cache with the returned source beam indices, stops when `is_done`, then calls
+`finalize(tokens)`. In a batch, rows are left-padded to a common length: `context_lengths[b]` says how many
+tokens before the generated ones are element b's own context, so beam search counts neither the padding in
+its length penalty nor padding tokens in its n-grams, and each element gets what it would get alone.
+
+`generator` is a torch.Generator or one per batch element: with one per element, an element's samples do
+not depend on its neighbours in the batch.
 """
 
 from __future__ import annotations
@@ -43,14 +49,33 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
     return logits
 
 
-def sample_without_replacement(scores: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _row_generators(generator: Generators, rows: int) -> list[torch.Generator | None] | None:
+    """One generator per row, or None for a single shared stream (a generator or the global RNG)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    if len(generator) < rows:
+        raise ValueError(f"{len(generator)} generators for {rows} batch elements")
+    return list(generator[:rows])
+
+
+def sample_without_replacement(scores: Tensor, k: int, generator: Generators = None) -> Tensor:
     """k distinct indices per row of `scores` [N, C], distributed as `multinomial(softmax(scores), k)` without
     replacement, returned as [N, k] (Gumbel-top-k trick).
 
     Unlike `torch.multinomial`, this needs no normalisation (scores may be unnormalised log-probs) and does
     not fail when a row has fewer than k candidates of non-zero probability: -inf scores simply come last.
+    `generator` may be one generator per row.
     """
-    exp = torch.empty_like(scores, dtype=torch.float32).exponential_(generator=generator)  # Exp(1) noise
+    exp = torch.empty_like(scores, dtype=torch.float32)  # [N, C]
+    per_row = _row_generators(generator, scores.shape[0])
+    if per_row is None:
+        exp.exponential_(generator=generator)  # Exp(1) noise
+    else:
+        for row, row_generator in zip(exp, per_row, strict=True):
+            row.exponential_(generator=row_generator)
     gumbel = -exp.clamp_min_(torch.finfo(torch.float32).tiny).log()  # [N, C], finite Gumbel(0, 1)
     return torch.topk(scores.float() + gumbel, k, dim=-1).indices  # [N, k]
 
@@ -64,7 +89,7 @@ class BaseStrategy:
     """Sampling with temperature, top-k and top-p; one beam per batch element.
 
     A batch element that samples an end token is done: the end token is kept and -1 is appended to it from
-    then on. `generator`, if given, must live on the logits' device.
+    then on. `generator` (one, or one per batch element) must live on the logits' device.
     """
 
     num_beams = 1
@@ -77,7 +102,7 @@ class BaseStrategy:
         top_k: int = 200,
         top_p: float = 0.0,
         end_tokens: Sequence[int] = (),
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -103,13 +128,24 @@ class BaseStrategy:
         logits = filter_logits(logits, self.top_k, self.top_p)
         return logits.softmax(dim=-1)  # [N, V]
 
-    def forward(self, logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Sample one token per row: logits [B, 1, V], tokens [B, 1, L] -> tokens [B, 1, L+1], None."""
+    def forward(
+        self, logits: Tensor, tokens: Tensor, context_lengths: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Sample one token per row: logits [B, 1, V], tokens [B, 1, L] -> tokens [B, 1, L+1], None.
+
+        `context_lengths` is accepted for the common interface; sampling does not depend on lengths.
+        """
         batch, beams, _ = logits.shape
         if beams != 1 or batch > self.batch_size:
             raise ValueError(f"expected logits [<= {self.batch_size}, 1, V], got {tuple(logits.shape)}")
         probs = self.next_token_probs(logits)  # [B, V]
-        pred = torch.multinomial(probs, 1, generator=self.generator).view(batch)  # [B]
+        per_row = _row_generators(self.generator, batch)
+        if per_row is None:
+            pred = torch.multinomial(probs, 1, generator=self.generator).view(batch)  # [B]
+        else:  # a finished row draws nothing, as it would not alone
+            pred = torch.full((batch,), -1, dtype=torch.long, device=probs.device)  # [B]
+            for b in (~self._done[:batch]).nonzero().flatten().tolist():
+                pred[b] = torch.multinomial(probs[b], 1, generator=per_row[b])[0]
         done = self._done.to(pred.device)  # [batch_size]
         pred = torch.where(done[:batch], -1, pred)  # finished rows get the -1 pad
         ended = torch.isin(pred, torch.tensor(self.end_tokens, dtype=pred.dtype, device=pred.device))  # [B]
@@ -129,7 +165,7 @@ class BeamSearchStrategy:
     """Beam search with a GNMT length penalty, stochastic by default (as the original).
 
     Scores are cumulative log-probs; a finished beam (one that produced an end token) of total length `len`
-    (context included) is ranked by `score / ((5 + len) / 6) ** length_penalty`.
+    (its own context included, padding not) is ranked by `score / ((5 + len) / 6) ** length_penalty`.
 
     Differences from the original, where it crashed or was ambiguous:
     - Masked (beam, token) pairs (invalid slices, end tokens before `min_gen_length`, banned n-grams) get a
@@ -154,7 +190,7 @@ class BeamSearchStrategy:
         no_repeat_ngram_size: int = 0,
         min_gen_length: int = 0,
         deterministic: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> None:
         self.batch_size = batch_size
         self.num_beams = num_beams
@@ -177,6 +213,7 @@ class BeamSearchStrategy:
             [{} for _ in range(self.num_beams)] for _ in range(self.batch_size)
         ]
         self.length_generated = 0
+        self._padding = [0] * self.batch_size  # left padding of each element's rows
         self._done = [False] * self.batch_size
 
     @property
@@ -188,7 +225,7 @@ class BeamSearchStrategy:
 
     def _add_end_beams(self, score: float, beam: list[int], batch_idx: int) -> None:
         """Insert a finished beam by penalised score (before equal scores), keeping the best `num_beams`."""
-        score = score / self._penalty(len(beam))
+        score = score / self._penalty(len(beam) - self._padding[batch_idx])
         scores = self.end_beams_penalized_scores[batch_idx]
         i = 0
         while i < len(scores) and scores[i] > score:
@@ -197,25 +234,43 @@ class BeamSearchStrategy:
         scores.insert(i, score)
         del self.end_beams[batch_idx][self.num_beams :], scores[self.num_beams :]
 
-    def forward(self, logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, logits: Tensor, tokens: Tensor, context_lengths: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """One step: logits [B, nb, V], tokens [B, nb, L] -> tokens [B, num_beams, L+1] and the source beam
-        [B, num_beams] (an index into the input's nb beams) of each new beam."""
+        [B, num_beams] (an index into the input's nb beams) of each new beam.
+
+        context_lengths[b]: element b's own context length; what precedes it in its rows is left padding
+        (default: no padding).
+        """
         batch, beams, vocab = logits.shape
         length = tokens.shape[-1]
         if batch > self.batch_size:
             raise ValueError(f"batch {batch} exceeds the configured batch_size {self.batch_size}")
+        if context_lengths is not None:
+            padding = [length - self.length_generated - int(c) for c in context_lengths]
+            if len(padding) != batch or min(padding) < 0:
+                raise ValueError(
+                    f"context_lengths {list(context_lengths)} do not fit tokens of length {length}"
+                )
+            self._padding[:batch] = padding
+        own_lengths = [length - p for p in self._padding[:batch]]  # each element's own tokens
         n = self.ngram
         logits = logits.to(torch.float32, copy=True)  # [B, nb, V]
         for invalid in self.invalid_slices:
             logits[..., invalid] = NEG_INF
         if self.min_gen_length > self.length_generated and self.end_tokens:
             logits[..., list(self.end_tokens)] = NEG_INF
-        tails = None  # [B][nb][n-1] last n-1 tokens of each beam: the n-gram prefix before the next token
-        if n > 0 and length >= n - 1:
-            tails = tokens[..., length - (n - 1) :].tolist()
+        # [B][nb][n-1] last n-1 tokens of each beam, the n-gram prefix before the next token; None for an
+        # element whose own tokens are fewer (its padding is no prefix).
+        tails: list[list[list[int]] | None] = [None] * batch
+        if n > 0:
+            last = tokens[..., length - min(n - 1, length) :].tolist()
+            tails = [last[b] if own_lengths[b] >= n - 1 else None for b in range(batch)]
             banned = [
                 (b, i, t)
                 for b in range(batch)
+                if tails[b] is not None
                 for i in range(beams)
                 for t in self.cached_beam_ngram_bans[b][i].get(tuple(tails[b][i]), ())
             ]
@@ -230,10 +285,16 @@ class BeamSearchStrategy:
         scores = scores.masked_fill(scores.isnan(), NEG_INF).view(batch, beams * vocab)  # [B, nb*V]
 
         k = min((max(1, len(self.end_tokens)) + 1) * self.num_beams, beams * vocab)
+        per_row = _row_generators(self.generator, batch)
         if self.deterministic:
             cand = torch.topk(scores, k, dim=-1).indices  # [B, k]
-        else:
+        elif per_row is None:
             cand = sample_without_replacement(scores, k, self.generator)  # [B, k]
+        else:  # a finished element draws nothing, as it would not alone; its beams no longer matter
+            cand = torch.topk(scores, k, dim=-1).indices  # [B, k]
+            live = [b for b in range(batch) if not self._done[b]]
+            if live:
+                cand[live] = sample_without_replacement(scores[live], k, [per_row[b] for b in live])
         cand_scores, order = scores.gather(1, cand).sort(dim=1, descending=True, stable=True)  # [B, k]
         cand = cand.gather(1, order)  # [B, k]
         cand_beams, cand_tokens = (cand // vocab).tolist(), (cand % vocab).tolist()
@@ -261,7 +322,7 @@ class BeamSearchStrategy:
                 bans_b = []
                 for src, tok, _ in kept:
                     bans = dict(self.cached_beam_ngram_bans[b][src])  # values are frozensets: safe to share
-                    if tails is not None:
+                    if tails[b] is not None:
                         key = tuple(tails[b][src])
                         bans[key] = bans.get(key, frozenset()) | {tok}
                     bans_b.append(bans)
@@ -287,7 +348,7 @@ class BeamSearchStrategy:
             # Done when no live beam can beat the worst kept finished beam (the original's heuristic bound),
             # or when no live beam is left at all.
             if best == NEG_INF or (
-                len(finished) == self.num_beams and finished[-1] >= best / self._penalty(length + 1)
+                len(finished) == self.num_beams and finished[-1] >= best / self._penalty(own_lengths[b] + 1)
             ):
                 self._done[b] = True
         return tokens, source

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glm.api import load
 from glm.decoding import build_inputs, generate
-from glm.infill import GenerationOptions, fill_blanks, prepare_query
+from glm.infill import GenerationOptions, GenerationStats, fill_blanks, prepare_query
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load()
 
 
 def original_mask(context_length: int, total: int) -> torch.Tensor:
@@ -45,9 +51,9 @@ class Recording(BaseStrategy):
         super().__init__(batch_size, top_k=1)
         self.logits = []
 
-    def forward(self, logits, tokens):
+    def forward(self, logits, tokens, context_lengths=None):
         self.logits.append(logits.clone())
-        return super().forward(logits, tokens)
+        return super().forward(logits, tokens, context_lengths)
 
 
 @pytest.mark.parametrize("mask_position", [None, 2])
@@ -175,13 +181,6 @@ def test_fill_blanks_batch_equals_one_by_one(tiny_model):
         assert [a.ids for a in answers] == [a.ids for a in fill_blanks(model, tok, [text], options)[0]]
 
 
-def test_beam_search_returns_every_beam(tiny_model):
-    model, tok = tiny_model
-    options = GenerationOptions("BeamSearchStrategy", out_seq_length=30, num_beams=3, deterministic=True)
-    (answers,) = fill_blanks(model, tok, ["Good tests [MASK]."], options)
-    assert len(answers) == 3
-
-
 def test_prompts_without_room_are_refused(tiny_model):
     model, tok = tiny_model
     long_text = "word " * 60
@@ -199,3 +198,157 @@ def test_blanks_never_hold_mask_or_padding_ids(tiny_model):
     generated = [t for (answer,) in answers for t in answer.ids]
     assert len(generated) > 300
     assert all(t < tok.vocab_size and t not in tok.mask_ids.values() for t in generated)
+
+
+def test_batch_gives_each_sample_its_own_beams(tiny_model):
+    # Contexts of different lengths: the shorter ones are padded in the batch. With a length penalty and
+    # n-gram bans, counting the padding (as before) changes which beams win.
+    model, _ = tiny_model
+    contexts = [[7, 8, 9, 600], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 600], [3, 600]]
+    mask_positions = [None, 4, 0]
+
+    def strategy(batch):
+        return BeamSearchStrategy(
+            batch, 3, length_penalty=2.0, consider_end=True, end_tokens=[5, 6], deterministic=True,
+            no_repeat_ngram_size=2,
+        )  # fmt: skip
+
+    batched = generate(model, contexts, strategy(3), 8, mask_positions)
+    for context, position, beams in zip(contexts, mask_positions, batched, strict=True):
+        assert beams == generate(model, [context], strategy(1), 8, [position])[0]
+
+
+def test_beam_search_batch_equals_alone_on_the_bundled_model(bundled):
+    # The review's case: with length_penalty=1, "Rain [MASK]." batched with a longer query gave other
+    # beams than alone.
+    model, tok = bundled
+    options = GenerationOptions(
+        "BeamSearchStrategy", out_seq_length=40, num_beams=4, deterministic=True, length_penalty=1.0
+    )
+    texts = ["Rain [MASK].", "The President said that the [MASK] of the United States is strong."]
+    batched = fill_blanks(model, tok, texts, options)
+    for text, answers in zip(texts, batched, strict=True):
+        assert [a.ids for a in answers] == [a.ids for a in fill_blanks(model, tok, [text], options)[0]]
+
+
+def test_seeded_sampling_batch_equals_alone(tiny_model):
+    # seeds[i] seeds text i's own generator: its answer does not depend on its neighbours in the batch.
+    model, tok = tiny_model
+    options = GenerationOptions(temperature=1.0, top_p=0.0, out_seq_length=40)
+    texts = ["The quick brown fox", "北京是[MASK]的首都。", "A [MASK] model fills [MASK] blanks."]
+    seeds = [11, 12, 13]
+    batched = fill_blanks(model, tok, texts, options, seeds=seeds)
+    for text, seed, answers in zip(texts, seeds, batched, strict=True):
+        assert answers[0].ids == fill_blanks(model, tok, [text], options, seeds=[seed])[0][0].ids
+    # The seeds matter: another seed samples another answer.
+    assert fill_blanks(model, tok, texts[:1], options, seeds=[99])[0][0].ids != batched[0][0].ids
+
+
+def test_seeded_stochastic_beam_search_batch_equals_alone(tiny_model):
+    model, tok = tiny_model
+    options = GenerationOptions("BeamSearchStrategy", num_beams=2, out_seq_length=30)
+    texts = ["Good tests [MASK].", "The river runs through [MASK] town and [MASK]."]
+    batched = fill_blanks(model, tok, texts, options, seeds=[5, 6])
+    for text, seed, answers in zip(texts, [5, 6], batched, strict=True):
+        alone = fill_blanks(model, tok, [text], options, seeds=[seed])[0]
+        assert [a.ids for a in answers] == [a.ids for a in alone]
+
+
+def reference_infill(model, tok, text: str, max_length: int) -> str:
+    """An independent greedy infiller: the original generate.py's loop written out, with no KV cache (every
+    step recomputes the whole sequence), the original's mask formula and hand-built position ids."""
+    masks = [m for m in ("[MASK]", "[sMASK]", "[gMASK]") if m in text]
+    mask = masks[0] if masks else "[gMASK]"
+    mask_id = tok.get_command(mask)
+    ids = tok.tokenize_with_masks(text, mask_appended=not masks)
+    if not masks:
+        ids.append(mask_id)
+    elif not text.endswith("]"):
+        ids.append(tok.eos_id)
+    while mask_id in ids:
+        pos = ids.index(mask_id)
+        context = [*ids, tok.sop_id]
+        n = len(context)
+        generated = []
+        while n + len(generated) < max_length:
+            seq = context + generated
+            positions = (
+                list(range(len(seq))) if mask == "[gMASK]" else [*range(n - 1), *[pos] * (len(seq) - n + 1)]
+            )
+            with torch.no_grad():
+                logits = model(torch.tensor([seq]), torch.tensor([positions]), original_mask(n, len(seq)))[
+                    0, -1
+                ]
+            logits[tok.vocab_size :] = float("-inf")  # embedding padding rows
+            logits[list(tok.mask_ids.values())] = float("-inf")
+            token = int(logits.argmax())
+            if token in (tok.eop_id, tok.eos_id):
+                break
+            generated.append(token)
+        ids = ids[:pos] + generated + ids[pos + 1 :]
+    if ids[-1] == tok.eos_id:
+        ids.pop()
+    return tok.detokenize(ids)
+
+
+# Greedy infills of the bundled model at out_seq_length 32, read and checked by hand: each keeps the query
+# around its blanks and fills every [MASK] with a short span ending where the text resumes.
+GREEDY_INFILLS = {
+    "Rain [MASK].": "Rain to.",
+    "Tsinghua University is located in [MASK].": "Tsinghua University is located in the document.",
+    "春眠不觉晓，[MASK]。": "春眠不觉晓，月。",
+    "The river [MASK] the town, and the [MASK] was cold.": "The river was the town, and the whole was cold.",
+    "Music and": "Music and unable, and the whale-ddding of the whale-wat, the whale-water, and the",
+}
+
+
+def test_greedy_infills_equal_an_independent_decoder(bundled):
+    model, tok = bundled
+    texts = list(GREEDY_INFILLS)
+    options = GenerationOptions(top_k=1, top_p=0.0, out_seq_length=32)
+    answers = fill_blanks(model, tok, texts, options)
+    assert {t: a.text(tok) for t, (a,) in zip(texts, answers, strict=True)} == GREEDY_INFILLS
+    assert {t: reference_infill(model, tok, t, 32) for t in texts} == GREEDY_INFILLS
+
+
+def test_beams_are_ranked_by_their_own_length_penalty(tiny_model):
+    # Score each returned beam independently (full forward, log-softmax over the allowed tokens) and check
+    # the order is the GNMT-penalised one, with the length counting the sample's own context, not padding.
+    model, _ = tiny_model
+    contexts = [[7, 8, 9, 600], [11, 12, 13, 14, 15, 16, 17, 18, 19, 600]]
+    penalty = 1.5
+    strategy = BeamSearchStrategy(
+        2, 3, length_penalty=penalty, consider_end=True, end_tokens=[5, 6], deterministic=True
+    )
+    for context, beams in zip(contexts, generate(model, contexts, strategy, 6), strict=True):
+        penalised = []
+        for beam in beams:
+            n, t = len(context), len(beam)
+            inputs = build_inputs([context], t - n, [None])
+            with torch.no_grad():
+                logits = model(
+                    torch.tensor([beam]), inputs.position_ids[:, :t], inputs.attention_mask[:, :, :t, :t]
+                )[0]
+            logp = logits[n - 1 : t - 1].float().log_softmax(-1)
+            score = sum(logp[i, beam[n + i]].item() for i in range(t - n))
+            penalised.append(score / ((5 + t) / 6) ** penalty)
+        assert penalised == sorted(penalised, reverse=True)
+
+
+def test_stats_count_the_generated_tokens(tiny_model):
+    model, tok = tiny_model
+    stats = GenerationStats()
+    options = GenerationOptions(top_k=1, top_p=0.0, out_seq_length=40)
+    (answer,), (other,) = fill_blanks(
+        model, tok, ["A [MASK] model fills [MASK] blanks.", "Rain"], options, stats=stats
+    )
+    assert stats.new_tokens == sum(e - s for s, e in answer.spans) + sum(e - s for s, e in other.spans)
+    assert 0 < stats.first_token_seconds <= stats.seconds
+
+
+def test_max_new_tokens_bounds_each_blank(tiny_model):
+    model, tok = tiny_model
+    options = GenerationOptions(temperature=5.0, top_p=0.0, out_seq_length=60, max_new_tokens=3)
+    torch.manual_seed(0)
+    ((answer,),) = fill_blanks(model, tok, ["A [MASK] model fills [MASK] blanks."], options)
+    assert [e - s for s, e in answer.spans] == [3, 3]  # near-uniform sampling rarely ends within 3 tokens
