@@ -20,6 +20,9 @@ class Split(enum.Enum):
     ROWS = "dim 0"
     COLUMNS = "dim 1"
     GLU_ROWS = "dim 0 within each GeGLU half"
+    # A row-parallel layer's quantization scale: each shard holds its own scales, [out] (one group per row,
+    # the original's) or [out, groups] of its input columns. Split and merged on the groups: exact.
+    SCALE_GROUPS = "scale groups along dim 1"
     IGNORED = "ignored"
 
 
@@ -37,6 +40,12 @@ _RULES = {
     "mlp.dense_h_to_4h.bias": Split.GLU_ROWS,
     "mlp.dense_4h_to_h.weight": Split.COLUMNS,
     "mlp.dense_4h_to_h.bias": Split.REPLICATED,
+    # Quantized checkpoints (quantization/): the int8 `weight` keys above keep their rules (INT4 packs along
+    # dim 1, so a row-parallel split needs an even number of columns per shard).
+    "attention.query_key_value.weight_scale": Split.ROWS,
+    "mlp.dense_h_to_4h.weight_scale": Split.GLU_ROWS,
+    "attention.dense.weight_scale": Split.SCALE_GROUPS,
+    "mlp.dense_4h_to_h.weight_scale": Split.SCALE_GROUPS,
     "final_layernorm.weight": Split.REPLICATED,
     "final_layernorm.bias": Split.REPLICATED,
     # Rotary frequencies are recomputed, never loaded (SAT's loader ignores them too).
@@ -69,6 +78,27 @@ def _check_divisible(key: str, size: int, parts: int) -> None:
         raise ValueError(f"{key}: size {size} is not divisible by tensor-parallel size {parts}")
 
 
+def _groups(scale: Tensor) -> Tensor:
+    return scale[:, None] if scale.dim() == 1 else scale  # the original's [out] scale is one group
+
+
+def _group_range(key: str, count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Scale groups [start, stop) of input-column shard `rank` of `world_size`, for `count` groups in all.
+    A group wider than a shard is kept whole by every shard it covers (same scale): no requantising."""
+    if count % world_size == 0:
+        return rank * count // world_size, (rank + 1) * count // world_size
+    if world_size % count == 0:
+        return rank * count // world_size, rank * count // world_size + 1
+    raise ValueError(
+        f"{key}: {count} quantization groups per row cannot be split into {world_size} shards exactly; "
+        "choose a tensor-parallel size that divides, or is a multiple of, the group count"
+    )
+
+
+def _stored_scale(groups: Tensor) -> Tensor:
+    return groups[:, 0] if groups.shape[1] == 1 else groups
+
+
 def split_tensor(key: str, tensor: Tensor, parts: int) -> list[Tensor]:
     """Split one full tensor into `parts` rank shards (clones, so a shard saves without the whole storage)."""
     rule = split_rule(key)
@@ -80,6 +110,10 @@ def split_tensor(key: str, tensor: Tensor, parts: int) -> list[Tensor]:
     if rule is Split.ROWS:
         _check_divisible(key, tensor.shape[0], parts)
         return [t.clone() for t in tensor.chunk(parts, dim=0)]
+    if rule is Split.SCALE_GROUPS:
+        groups = _groups(tensor)
+        ranges = [_group_range(key, groups.shape[1], r, parts) for r in range(parts)]
+        return [_stored_scale(groups[:, a:b]).clone() for a, b in ranges]
     if rule is Split.GLU_ROWS:
         _check_divisible(key, tensor.shape[0], 2 * parts)
         value, gate = tensor.chunk(2, dim=0)
@@ -98,6 +132,8 @@ def merge_tensors(key: str, shards: list[Tensor]) -> Tensor:
                     f"but {tuple(shards[0].shape)} on rank 0"
                 )
         return shards[0]
+    if rule is Split.SCALE_GROUPS:
+        return _stored_scale(torch.cat([_groups(s) for s in shards], dim=1))
     dim = 1 if rule is Split.COLUMNS else 0
     for i, shard in enumerate(shards):
         other = [s for d, s in enumerate(shard.shape) if d != dim]
@@ -136,7 +172,7 @@ def split_state_dict(state_dict: dict[str, Tensor], parts: int) -> list[dict[str
 
 
 def split_dim(rule: Split) -> int:
-    return 1 if rule is Split.COLUMNS else 0
+    return 1 if rule in (Split.COLUMNS, Split.SCALE_GROUPS) else 0
 
 
 def full_shape(key: str, shapes: Sequence[torch.Size]) -> torch.Size:
@@ -150,6 +186,8 @@ def full_shape(key: str, shapes: Sequence[torch.Size]) -> torch.Size:
                     f"but {tuple(shapes[0])} on rank 0"
                 )
         return shapes[0]
+    if rule is Split.SCALE_GROUPS:
+        shapes = [torch.Size([*s, 1]) if len(s) == 1 else s for s in shapes]
     dim = split_dim(rule)
     for rank, shape in enumerate(shapes):
         if len(shape) != len(shapes[0]) or any(
@@ -191,6 +229,10 @@ def slice_views(key: str, sources: Sequence[Tensor], rank: int, world_size: int)
         return [sources[0]]
     if world_size == len(sources):  # the source shard is the target shard
         return [sources[rank]]
+    if rule is Split.SCALE_GROUPS:
+        groups = [_groups(s) for s in sources]
+        start, stop = _group_range(key, sum(g.shape[1] for g in groups), rank, world_size)
+        return _concat_range(groups, 1, start, stop)
     dim = split_dim(rule)
     halves = 2 if rule is Split.GLU_ROWS else 1
     total = full_shape(key, [s.shape for s in sources])[dim]

@@ -1,0 +1,123 @@
+"""Quantized checkpoints: their metadata, quantizing checkpoint tensors (tools/convert_tp.py), and the
+transform that loading a checkpoint needs.
+
+A quantized checkpoint keeps the original layout and keys (`<linear>.weight` int8, `<linear>.weight_scale`
+fp16) and records in model_config.json
+
+    "quantization_bit_width": 4,
+    "quantization": {"format_version": 1, "scheme": "row", "group_size": null,
+                     "quantized_at_tensor_parallel_size": 8}
+
+so it loads with no flags. The original's quantized checkpoints have no model_config.json: they load with
+`--quantization-bit-width N --from-quantized-checkpoint`, as in the original.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from glm.checkpoint import CheckpointError, ShardedCheckpoint, read_metadata
+from quantization.schemes import QuantizationSpec, quantize_to_stored
+from quantization.transform import QUANTIZED_LINEARS, quantization_transform
+
+FORMAT_VERSION = 1
+_WEIGHT_SUFFIXES = tuple(f"{parent}.{name}.weight" for parent, name in QUANTIZED_LINEARS)
+
+
+def is_quantized_weight(key: str) -> bool:
+    """Whether `key` is one of the four block weights that quantization replaces."""
+    return key.startswith("transformer.layers.") and key.endswith(_WEIGHT_SUFFIXES)
+
+
+def quantize_checkpoint_tensor(key: str, tensor: Tensor, spec: QuantizationSpec) -> dict[str, Tensor]:
+    """The checkpoint entries for one rank's slice of `key`: {key: int8, key + "_scale": fp16} for the
+    four block weights, {key: tensor} for everything else. Quantize each target rank's slice (row-parallel
+    shards keep their own scales, as the original)."""
+    if not is_quantized_weight(key):
+        return {key: tensor}
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{key} is already quantized ({tensor.dtype}); it cannot be quantized again")
+    weight, scale = quantize_to_stored(tensor, spec)
+    return {key: weight, key + "_scale": scale}
+
+
+def quantization_metadata(spec: QuantizationSpec, tensor_parallel_size: int) -> dict[str, Any]:
+    """The model_config.json entries of a checkpoint quantized with `spec` (write_checkpoint's
+    extra_metadata)."""
+    return {
+        "quantization_bit_width": spec.bits,
+        "quantization": {
+            "format_version": FORMAT_VERSION,
+            "scheme": spec.scheme,
+            "group_size": spec.group_size,
+            "quantized_at_tensor_parallel_size": tensor_parallel_size,
+        },
+    }
+
+
+def spec_from_metadata(
+    meta: dict[str, Any] | None, source: str = "model_config.json"
+) -> QuantizationSpec | None:
+    """The spec a checkpoint was quantized with, or None for a float checkpoint."""
+    bits = (meta or {}).get("quantization_bit_width")
+    if not bits:
+        return None
+    info = meta.get("quantization")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{source}: quantization_bit_width {bits} without a 'quantization' entry")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: quantization format_version {info['format_version']}; upgrade this project"
+        )
+    try:
+        return QuantizationSpec(bits, info.get("scheme", "row"), info.get("group_size"))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def has_scales(checkpoint: ShardedCheckpoint) -> bool:
+    return any(key.endswith(".weight_scale") for key in checkpoint.keys)
+
+
+def checkpoint_transform(
+    folder: str | Path,
+    bits: int | None = None,
+    scheme: str = "row",
+    group_size: int | None = None,
+    from_quantized_checkpoint: bool = False,
+    output_layer: bool = False,
+):
+    """The quantize transform loading `folder` needs (None: load it as it is), from its metadata and the
+    CLI's --quantization-* flags; the original's confusions are one-line errors naming the fix."""
+    folder = Path(folder)
+    stored = spec_from_metadata(read_metadata(folder), str(folder / "model_config.json"))
+    if stored is not None:
+        if bits is not None and bits != stored.bits:
+            raise CheckpointError(
+                f"{folder} is an INT{stored.bits} checkpoint: drop --quantization-bit-width {bits} "
+                "(quantized checkpoints load with their own bit width; re-quantize from the float checkpoint)"
+            )
+        return quantization_transform(
+            stored.bits, stored.scheme, stored.group_size, output_layer, from_quantized_checkpoint=True
+        )
+    quantized = has_scales(ShardedCheckpoint(folder))
+    if quantized and bits is None:
+        raise CheckpointError(
+            f"{folder} holds quantized weights (weight_scale keys) but records no bit width: pass "
+            "--quantization-bit-width 4 or 8 and --from-quantized-checkpoint"
+        )
+    if from_quantized_checkpoint and not quantized:
+        raise CheckpointError(
+            f"{folder} has no weight_scale keys, so it is not quantized: drop --from-quantized-checkpoint "
+            "(with --quantization-bit-width its float weights are quantized while loading)"
+        )
+    if from_quantized_checkpoint and bits is None:
+        raise CheckpointError("--from-quantized-checkpoint needs --quantization-bit-width 4 or 8")
+    if bits is None:
+        if output_layer:
+            raise CheckpointError("--quantize-output-layer needs --quantization-bit-width 4 or 8")
+        return None
+    return quantization_transform(bits, scheme, group_size, output_layer, quantized)

@@ -1,0 +1,161 @@
+"""The quantized linear layer and the optional INT8 output layer that the quantize transform swaps in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from glm.checkpoint import CheckpointError
+from glm.model import Linear, OutputLayer
+from quantization.cpu import CPUKernel
+from quantization.cuda import CUDAKernel
+from quantization.schemes import QuantizationSpec, quantize_to_stored, scale_groups
+
+Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def make_kernel(bits: int, device: torch.device) -> Kernel:
+    return CUDAKernel(bits) if device.type == "cuda" else CPUKernel(bits)
+
+
+class QuantizedLinear(Linear):
+    """A Linear whose weight is stored quantized: buffers `weight` (int8 [out, in], or [out, in / 2] packed
+    INT4) and `weight_scale` (fp16 [out] or [out, groups]); the bias stays a float parameter.
+
+    `load_weight` takes either a float `weight`, quantized on arrival (quantize while loading), or a
+    quantized checkpoint's `weight` and `weight_scale` (any group count that divides the input columns, so
+    a row-parallel layer merged from several shards loads exactly).
+    """
+
+    def __init__(
+        self, linear: nn.Linear, spec: QuantizationSpec, from_quantized_checkpoint: bool = False
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.spec = spec
+        self.from_quantized_checkpoint = from_quantized_checkpoint
+        self.reduce = linear.reduce if isinstance(linear, Linear) else None
+        device = linear.weight.device
+        columns = spec.packed_columns(self.in_features)
+        groups = spec.groups(self.in_features)
+        scale_shape = (self.out_features,) if groups == 1 else (self.out_features, groups)
+        self.register_buffer(
+            "weight", torch.empty(self.out_features, columns, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=torch.float16, device=device))
+        self.bias = linear.bias  # the original's load-then-quantize path lost it; kept here
+        self._quantized_here = False
+        self._kernel: Kernel | None = None
+
+    @classmethod
+    def swap(
+        cls, parent: nn.Module, name: str, spec: QuantizationSpec, from_quantized_checkpoint: bool
+    ) -> None:
+        setattr(parent, name, cls(getattr(parent, name), spec, from_quantized_checkpoint))
+
+    def extra_repr(self) -> str:
+        groups = scale_groups(self.weight_scale).shape[1]
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, bits={self.spec.bits}, groups={groups}"
+
+    def _where(self) -> str:
+        return f"{type(self).__name__} [{self.out_features} x {self.in_features}]"
+
+    def load_weight(self, name: str, tensor: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        if name == "bias":
+            self.bias = nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        elif name == "weight" and tensor.is_floating_point():
+            self._load_float_weight(tensor, device)
+        elif name == "weight":
+            self._load_quantized_weight(tensor, device)
+        elif name == "weight_scale":
+            self._load_scale(tensor, device)
+        else:
+            raise CheckpointError(f"{self._where()}: unexpected tensor '{name}'")
+        self._kernel = None
+
+    def _load_float_weight(self, tensor: Tensor, device: torch.device) -> None:
+        if self.from_quantized_checkpoint:
+            raise CheckpointError(
+                f"{self._where()}: the checkpoint holds float weights, not quantized ones: drop "
+                "--from-quantized-checkpoint (float weights are quantized while loading)"
+            )
+        if tensor.shape != (self.out_features, self.in_features):
+            raise CheckpointError(
+                f"{self._where()}: checkpoint weight has shape {tuple(tensor.shape)} (wrong config, or a "
+                "shard of another tensor-parallel size?)"
+            )
+        weight, scale = quantize_to_stored(tensor.to(device), self.spec)
+        self._buffers["weight"], self._buffers["weight_scale"] = weight, scale
+        self._quantized_here = True
+
+    def _load_quantized_weight(self, tensor: Tensor, device: torch.device) -> None:
+        if tensor.dtype != torch.int8:
+            raise CheckpointError(f"{self._where()}: weight of dtype {tensor.dtype}; expected int8 or float")
+        if tensor.shape != self.weight.shape:
+            other = {self.in_features: 8, self.in_features // 2: 4}.get(tensor.shape[-1])
+            hint = (
+                f": it is an INT{other} checkpoint, pass --quantization-bit-width {other}"
+                if other and other != self.spec.bits and tensor.shape[0] == self.out_features
+                else " (wrong config, or a shard of another tensor-parallel size?)"
+            )
+            raise CheckpointError(
+                f"{self._where()}: quantized weight has shape {tuple(tensor.shape)}, "
+                f"INT{self.spec.bits} needs {tuple(self.weight.shape)}{hint}"
+            )
+        self._buffers["weight"] = tensor.to(device).contiguous()
+        self._quantized_here = False
+
+    def _load_scale(self, tensor: Tensor, device: torch.device) -> None:
+        groups = scale_groups(tensor)
+        count = groups.shape[1] if groups.dim() == 2 else 0
+        width = self.in_features // count if count and self.in_features % count == 0 else 0
+        if groups.shape[0] != self.out_features or not width or (self.spec.bits == 4 and width % 2):
+            raise CheckpointError(
+                f"{self._where()}: weight_scale of shape {tuple(tensor.shape)} does not fit the weight"
+            )
+        scale = tensor.squeeze(1) if tensor.dim() == 2 and count == 1 else tensor
+        self._buffers["weight_scale"] = scale.to(device=device, dtype=torch.float16).contiguous()
+
+    def finish_loading(self) -> None:
+        if self.weight.is_meta:
+            return  # the loader reports what is missing
+        if self.weight_scale.is_meta:
+            raise CheckpointError(
+                f"{self._where()}: the checkpoint has int8 weights but no weight_scale: it is incomplete, or "
+                "was written by a tool that drops the scales; re-convert it from the float checkpoint"
+            )
+        if self._quantized_here and self.from_quantized_checkpoint:
+            raise CheckpointError(f"{self._where()}: float weights in a checkpoint loaded as quantized")
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self._kernel is None:
+            self._kernel = make_kernel(self.spec.bits, self.weight.device)
+        y = self._kernel(x, self.weight, self.weight_scale)
+        return y if bias is None else y + bias
+
+
+class QuantizedOutputLayer(OutputLayer):
+    """The tied output layer with its own INT8 per-row copy of the word embeddings, made once the
+    embeddings are loaded (input embeddings stay full precision). Adds no state-dict keys."""
+
+    def __init__(self, output_layer: OutputLayer) -> None:
+        nn.Module.__init__(self)
+        self._tied = output_layer._tied
+        self.gather = output_layer.gather
+        self.spec = QuantizationSpec(8)
+        self._kernel: Kernel | None = None
+
+    def finish_loading(self) -> None:
+        weight, scale = quantize_to_stored(self.weight.detach(), self.spec)
+        self.register_buffer("weight_q", weight, persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self._kernel = make_kernel(8, weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._kernel is None:
+            raise RuntimeError("the INT8 output layer is used before its weights were loaded")
+        logits = self._kernel(x, self.weight_q, self.weight_scale)
+        return logits if self.gather is None else self.gather(logits)

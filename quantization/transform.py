@@ -1,0 +1,62 @@
+"""The quantize transform: swap the four linear layers of every block for quantized ones, on the meta
+model before any weight is read (after tensor-parallel sharding, so each rank quantizes its own shard).
+
+Quantized, as the original: `attention.query_key_value`, `attention.dense`, `mlp.dense_h_to_4h`,
+`mlp.dense_4h_to_h`. Word embeddings, LayerNorms and biases stay in the model's dtype; the biases are kept
+(the original's quantize-after-loading path replaced the layers with zero biases, losing them). Optionally
+the tied output layer gets an INT8 copy of the embeddings (`output_layer=True`; not in the original).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from glm.model import GLM
+from quantization.layers import QuantizedLinear, QuantizedOutputLayer
+from quantization.schemes import QuantizationSpec
+
+QUANTIZED_LINEARS = (
+    ("attention", "query_key_value"),
+    ("attention", "dense"),
+    ("mlp", "dense_h_to_4h"),
+    ("mlp", "dense_4h_to_h"),
+)
+
+
+def quantize(
+    model: GLM,
+    bits: int,
+    scheme: str = "row",
+    group_size: int | None = None,
+    output_layer: bool = False,
+    from_quantized_checkpoint: bool = False,
+) -> GLM:
+    """Swap in quantized layers (in place; returns the model). `from_quantized_checkpoint` makes float
+    weights in the checkpoint an error instead of quantizing them while loading."""
+    spec = QuantizationSpec(bits, scheme, group_size)
+    for layer in model.transformer.layers:
+        for parent_name, name in QUANTIZED_LINEARS:
+            QuantizedLinear.swap(getattr(layer, parent_name), name, spec, from_quantized_checkpoint)
+    if output_layer:
+        model.output_layer = QuantizedOutputLayer(model.output_layer)
+    model.quantization = spec
+    return model
+
+
+def quantization_transform(
+    bits: int,
+    scheme: str = "row",
+    group_size: int | None = None,
+    output_layer: bool = False,
+    from_quantized_checkpoint: bool = False,
+):
+    """`quantize` with its settings bound: a transform for glm.loading.load_model(transforms=[...])."""
+    QuantizationSpec(bits, scheme, group_size)  # bad settings fail here, before any loading
+    return functools.partial(
+        quantize,
+        bits=bits,
+        scheme=scheme,
+        group_size=group_size,
+        output_layer=output_layer,
+        from_quantized_checkpoint=from_quantized_checkpoint,
+    )
