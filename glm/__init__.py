@@ -1,28 +1,52 @@
-"""GLM-130B-style blank-infilling language models in plain PyTorch."""
+"""GLM-130B-style blank-infilling language models in plain PyTorch.
 
-from glm.api import DEFAULT_MODEL, load
-from glm.config import PRESETS, GLMConfig, get_preset
-from glm.decoding import generate
-from glm.infill import Answer, GenerationOptions, fill_blanks
-from glm.loading import load_model
-from glm.model import GLM, KVCache
-from glm.strategies import BaseStrategy, BeamSearchStrategy
-from glm.tokenizer import GLMTokenizer
+The names below are imported on first use (PEP 562), so `import glm.generate` (a command line's parser,
+its --help) does not import torch.
+"""
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "GLM",
-    "PRESETS",
-    "Answer",
-    "BaseStrategy",
-    "BeamSearchStrategy",
-    "GLMConfig",
-    "GLMTokenizer",
-    "GenerationOptions",
-    "KVCache",
-    "fill_blanks",
-    "generate",
-    "get_preset",
-    "load",
-    "load_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from glm.api import DEFAULT_MODEL, load
+    from glm.config import PRESETS, GLMConfig, get_preset
+    from glm.decoding import generate
+    from glm.infill import Answer, GenerationOptions, fill_blanks
+    from glm.loading import load_model
+    from glm.model import GLM, KVCache
+    from glm.strategies import BaseStrategy, BeamSearchStrategy
+    from glm.tokenizer import GLMTokenizer
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "glm.api",
+    "load": "glm.api",
+    "PRESETS": "glm.config",
+    "GLMConfig": "glm.config",
+    "get_preset": "glm.config",
+    "generate": "glm.decoding",
+    "Answer": "glm.infill",
+    "GenerationOptions": "glm.infill",
+    "fill_blanks": "glm.infill",
+    "load_model": "glm.loading",
+    "GLM": "glm.model",
+    "KVCache": "glm.model",
+    "BaseStrategy": "glm.strategies",
+    "BeamSearchStrategy": "glm.strategies",
+    "GLMTokenizer": "glm.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'glm' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,4 +1,8 @@
-"""The one-call loader shared by the CLIs, the evaluator and users, and the CLIs' model flags."""
+"""The one-call loader shared by the CLIs, the evaluator and users, and the CLIs' model flags.
+
+Importing this module does not import torch: command lines build their parsers from it, so `--help` and
+flag errors answer before torch loads (it is imported by the functions that need it).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,16 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-import torch
-
-from glm.checkpoint import CheckpointError
 from glm.config import PRESETS, GLMConfig, get_preset
-from glm.loading import Transform, load_model, resolve_dtype
-from glm.model import GLM
-from glm.offload import add_offload_arguments, offload_from_args
-from glm.run_config import apply_run_config
-from glm.tokenizer import GLMTokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from glm.loading import Transform
+    from glm.model import GLM
+    from glm.tokenizer import GLMTokenizer
 
 # The model `scripts/generate.sh` runs when no checkpoint is given.
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "glm-bilingual"
@@ -32,6 +36,44 @@ def resolve_config(config: str | Path | GLMConfig | None) -> GLMConfig | None:
     return GLMConfig.from_file(config)
 
 
+def available_devices() -> list[str]:
+    """The --device values that work here."""
+    import torch
+
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device from a name; `auto` is CUDA when present, else the CPU. An unknown device, or one
+    this machine lacks, is a ValueError naming the devices that are available."""
+    import torch
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = ", ".join(available_devices())
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device '{device}'; available: {choices}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device '{device}': {why}; available: {choices}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' does not exist; available: {choices}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device '{device}': MPS is not available here; available: {choices}")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device '{device}' is not supported; available: {choices}")
+    return parsed
+
+
 def load(
     checkpoint: str | Path = DEFAULT_MODEL,
     config: str | Path | GLMConfig | None = None,
@@ -43,8 +85,13 @@ def load(
 ) -> tuple[GLM, GLMTokenizer]:
     """Model and tokenizer from a checkpoint folder; config and tokenizer default to those stored with it.
 
-    For the original GLM-130B checkpoint: `load(path, "glm-130b", tokenizer_type="icetk")`.
+    For the original GLM-130B checkpoint: `load(path, "glm-130b", tokenizer_type="icetk")`. `device` may be
+    `auto` (CUDA when present, the command lines' default).
     """
+    from glm.loading import load_model
+    from glm.tokenizer import GLMTokenizer
+
+    device = resolve_device(device)
     if tokenizer_type == "icetk":
         tok = GLMTokenizer.icetk(tokenizer)
     elif tokenizer is not None:
@@ -66,6 +113,27 @@ def load(
     return model, tok
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser that shows every default in --help and whose errors are one line:
+    `error: ... (see PROG --help)`, exit status 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model flags every command line shares; `load_from_args` reads them."""
     model = parser.add_argument_group("model")
@@ -77,24 +145,41 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--tokenizer",
-        help="sentencepiece model file; with --tokenizer-type icetk, the path of ice_text.model",
+        help="sentencepiece model file; with --tokenizer-type icetk, the path of ice_text.model "
+        "(default: the checkpoint's)",
     )
     model.add_argument(
         "--tokenizer-type",
         choices=["icetk", "sentencepiece"],
-        help="icetk: GLM-130B's (ice_text.model, default in ~/.icetk_models); default: the checkpoint's",
+        help="icetk: GLM-130B's (ice_text.model, looked for in ~/.icetk_models) (default: the checkpoint's)",
     )
     model.add_argument(
         "--dtype", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16 (default: auto)"
     )
-    model.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
-    add_offload_arguments(parser)
+    model.add_argument(
+        "--device", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default: auto)"
+    )
+    # glm.offload's flags (`offload_from_args` reads them), defined here so parsing needs no torch.
+    group = parser.add_argument_group("weight offload")
+    group.add_argument(
+        "--max-memory",
+        help="weights the device may hold (per tensor-parallel rank), e.g. 22GiB or 25%% of the model; "
+        "the rest streams from CPU memory (GPU) or from disk (CPU) (default: everything resident)",
+    )
+    group.add_argument(
+        "--offload-folder",
+        help="folder for the streamed weights on a CPU-only machine (default: a temporary folder)",
+    )
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
+    from glm.loading import resolve_dtype
+    from glm.offload import offload_from_args
+    from glm.run_config import apply_run_config
+
     run = apply_run_config(args)  # flags left unset take the run config's values
-    args.dtype, args.device = args.dtype or "auto", args.device or "cpu"
-    device = torch.device(args.device)
+    args.dtype, args.device = args.dtype or "auto", args.device or "auto"
+    device = resolve_device(args.device)
     offload = offload_from_args(args, device, resolve_dtype(args.dtype, device))
     return load(
         args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, [offload]
@@ -102,11 +187,13 @@ def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
-    """Run a command line's main: a user error becomes one `error: ...` line and exit status 2."""
+    """Run a command line's main: a user error (a ValueError, as CheckpointError is, or an OSError) becomes
+    one `error: ...` line and exit status 2; Ctrl-C exits with 130."""
     try:
         sys.exit(main(args))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
