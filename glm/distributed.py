@@ -1,0 +1,373 @@
+"""Process groups for tensor- and data-parallel inference, rank-0 I/O, and the few collectives the front ends
+need. World size 1 (no launcher) is the plain path: no process group, and every helper here passes its input
+through.
+
+A job of `world = data-parallel x tensor-parallel` processes is started by torchrun or the DeepSpeed launcher
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; OMPI_COMM_WORLD_* under MPI). Ranks
+`d*tp .. d*tp + tp-1` hold replica d of the model (consecutive ranks, so a replica stays on one node); the
+ranks with the same tensor-parallel rank form a data-parallel group. Collectives inside a replica run on gloo
+(CPU) or NCCL (CUDA, one device per local rank) with a timeout; Python objects (queries, results) go over
+gloo groups that wait longer, because they wait for a person typing or for a slower replica. Only rank 0
+prints (other ranks' stdout goes to /dev/null), reads stdin and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_TIMEOUT_S = 600.0
+# Waits for a person typing a query, or for a data-parallel replica that is slower on its share.
+PATIENT_TIMEOUT = datetime.timedelta(days=7)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    tensor_parallel_size: int = 1
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    tensor_group: Any = None  # collectives inside this model replica
+    data_group: Any = None  # objects among the ranks of this tensor-parallel rank (gloo)
+    object_group: Any = None  # objects over the whole job (gloo)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.tensor_parallel_size
+
+    @property
+    def tensor_rank(self) -> int:
+        return self.rank % self.tensor_parallel_size
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.tensor_parallel_size
+
+    @property
+    def tensor_leader(self) -> int:
+        """The global rank of tensor-parallel rank 0 of this replica."""
+        return self.data_rank * self.tensor_parallel_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = Parallel()
+
+
+def current() -> Parallel:
+    """The job set up by `initialize` (a single process before that)."""
+    return _current
+
+
+def is_main() -> bool:
+    return _current.is_main
+
+
+def launcher_env(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / the DeepSpeed launcher, or MPI; (0, 1, 0) without."""
+    env = os.environ if environ is None else environ
+    for prefix in ("", "OMPI_COMM_WORLD_"):
+        size = prefix + ("WORLD_SIZE" if not prefix else "SIZE")
+        if size in env:
+            try:
+                rank, world = int(env[prefix + "RANK"]), int(env[size])
+                local = int(env.get(prefix + "LOCAL_RANK", rank))
+            except (KeyError, ValueError):
+                raise ValueError(f"{prefix}RANK and {size} must both be set to integers") from None
+            if not 0 <= rank < world:
+                raise ValueError(f"rank {rank} is not in a world of {world} processes")
+            return rank, world, local
+    return 0, 1, 0
+
+
+def resolve_sizes(world_size: int, tensor_parallel: int | None, data_parallel: int | None) -> tuple[int, int]:
+    """(tensor-parallel size, data-parallel size): the one not given is the world size divided by the other;
+    neither given is one replica over the whole world."""
+    if tensor_parallel is None and data_parallel is None:
+        data_parallel = 1
+    for name, value in (("--tensor-parallel-size", tensor_parallel), ("--data-parallel-size", data_parallel)):
+        if value is not None and (value < 1 or world_size % value):
+            raise ValueError(f"{name} {value} must divide the world size {world_size} (processes launched)")
+    tensor_parallel = tensor_parallel or world_size // data_parallel
+    data_parallel = data_parallel or world_size // tensor_parallel
+    if tensor_parallel * data_parallel != world_size:
+        raise ValueError(
+            f"data-parallel {data_parallel} x tensor-parallel {tensor_parallel} is not the world size "
+            f"{world_size}: launch {tensor_parallel * data_parallel} processes or change the sizes"
+        )
+    return tensor_parallel, data_parallel
+
+
+def initialize(
+    tensor_parallel_size: int | None = None,
+    data_parallel_size: int | None = None,
+    device: str | torch.device = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Parallel:
+    """Join the job the launcher started (a no-op in a single process) and build its groups."""
+    global _current
+    rank, world, local_rank = launcher_env()
+    tp, _ = resolve_sizes(world, tensor_parallel_size, data_parallel_size)
+    if world == 1:
+        _current = Parallel(timeout_s=timeout_s)
+        return _current
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ValueError("MASTER_ADDR and MASTER_PORT must be set (torchrun and deepspeed set them)")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+    # Every rank creates every group, in the same order (torch.distributed requires it).
+    replicas = [list(range(d * tp, (d + 1) * tp)) for d in range(world // tp)]
+    tensor_groups = [dist.new_group(ranks, timeout=timeout) for ranks in replicas]
+    data_groups = [
+        dist.new_group(list(range(t, world, tp)), backend="gloo", timeout=PATIENT_TIMEOUT) for t in range(tp)
+    ]
+    object_group = dist.new_group(list(range(world)), backend="gloo", timeout=PATIENT_TIMEOUT)
+    _current = Parallel(
+        rank,
+        world,
+        local_rank,
+        tp,
+        timeout_s,
+        tensor_groups[rank // tp],
+        data_groups[rank % tp],
+        object_group,
+    )
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return _current
+
+
+def shutdown() -> None:
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = Parallel()
+
+
+def compute_device(requested: str | torch.device) -> torch.device:
+    """`cuda` means this rank's own GPU (its local rank) in a multi-process job."""
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None and _current.world_size > 1:
+        return torch.device("cuda", _current.local_rank)
+    return device
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+
+def add_arguments(parser: argparse.ArgumentParser, data_parallel: bool = False) -> None:
+    group = parser.add_argument_group(
+        "parallelism (launch with torchrun or deepspeed; see README 'Tensor parallelism and multi-node')"
+    )
+    group.add_argument(
+        "--tensor-parallel-size",
+        "--model-parallel-size",
+        dest="tensor_parallel_size",
+        type=int,
+        help="processes sharing one model; default: world size / data-parallel size",
+    )
+    if data_parallel:
+        group.add_argument(
+            "--data-parallel-size",
+            type=int,
+            help="model replicas the samples are spread over; default: world size / tensor-parallel size",
+        )
+    group.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a collective waits for the other ranks before the job stops with an error",
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_communication_error(error: BaseException) -> bool:
+    base = getattr(dist, "DistError", ())
+    text = str(error)
+    return isinstance(error, base) or any(
+        word in text for word in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out")
+    )
+
+
+def rank_prefix() -> str:
+    """'[rank r] ' for error messages of a rank other than 0 in a multi-process job."""
+    return f"[rank {_current.rank}] " if _current.rank else ""
+
+
+@contextlib.contextmanager
+def session(args: argparse.Namespace) -> Iterator[Parallel]:
+    """Set up the job for a command line (from its parallelism flags) and tear it down.
+
+    A lost rank (it exited, or hung past the timeout) is one clear error and exit status 1 here, never a
+    hang; the launcher then stops the remaining ranks.
+    """
+    parallel = initialize(
+        getattr(args, "tensor_parallel_size", None),
+        getattr(args, "data_parallel_size", 1),
+        getattr(args, "device", "cpu"),
+        getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_S),
+    )
+    try:
+        yield parallel
+    except RuntimeError as error:
+        if parallel.world_size == 1 or not _is_communication_error(error):
+            raise
+        print(
+            f"error: [rank {parallel.rank}] lost contact with another rank of the job (it exited or did not "
+            f"answer within {parallel.timeout_s:g} s; its own error is above): {_first_line(error)}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(RuntimeError):
+                dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------- rank-0 input
+
+
+def broadcast_object(value: T, group: Any = None, src: int = 0) -> T:
+    """Rank `src`'s value on every rank of `group` (default: the whole job)."""
+    if _current.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=_current.object_group if group is None else group)
+    return box[0]
+
+
+def read_line(prompt: str) -> str | None:
+    """A line typed at rank 0 (None at end of input), on every rank."""
+    line: str | None = None
+    if _current.is_main:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    return broadcast_object(line)
+
+
+# -------------------------------------------------------------------------------- data-parallel evaluation
+
+
+def data_parallel_share(items: Sequence[T]) -> list[T]:
+    """This replica's items, as the original's DistributedSampler(shuffle=False) deals them: the list padded
+    by repetition to a multiple of the replicas, then item i to replica i mod replicas."""
+    replicas, rank = _current.data_parallel_size, _current.data_rank
+    if replicas == 1 or not items:
+        return list(items)
+    padded = -(-len(items) // replicas) * replicas
+    return [items[i % len(items)] for i in range(rank, padded, replicas)]
+
+
+def gather_data_parallel(results: Sequence[T], total: int) -> list[T]:
+    """Every replica's results for its `data_parallel_share`, in the original order, padding dropped."""
+    replicas = _current.data_parallel_size
+    if replicas == 1:
+        return list(results)
+    shares: list[Any] = [None] * replicas
+    dist.all_gather_object(shares, list(results), group=_current.data_group)
+    if total == 0:
+        return []
+    per_replica = -(-total // replicas)
+    for rank, share in enumerate(shares):
+        if len(share) != per_replica:
+            raise RuntimeError(f"replica {rank} returned {len(share)} results for {per_replica} items")
+    return [shares[i % replicas][i // replicas] for i in range(total)]
+
+
+# ------------------------------------------------------------------------- one decision per decoding step
+
+
+class SynchronizedStrategy:
+    """A decoding strategy whose every step is decided by tensor-parallel rank 0 and broadcast to the rest.
+
+    The all-gathered logits are identical on every rank, so identically seeded ranks would draw the same
+    tokens anyway; broadcasting rank 0's choice (new last tokens, source beams, done flag: a few int64 per
+    row) makes that hold even where random streams differ between devices, and keeps every rank's KV cache
+    reordered the same way. Only rank 0 runs the wrapped strategy.
+    """
+
+    def __init__(self, strategy: Any, parallel: Parallel) -> None:
+        self.strategy = strategy
+        self.parallel = parallel
+        self.num_beams = strategy.num_beams
+        self.batch_size = strategy.batch_size
+        self._done = False
+
+    @property
+    def is_done(self) -> bool:
+        return self._done
+
+    def _broadcast(self, tensor: Tensor) -> Tensor:
+        dist.broadcast(tensor, src=self.parallel.tensor_leader, group=self.parallel.tensor_group)
+        return tensor
+
+    def forward(
+        self, logits: Tensor, tokens: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor | None]:
+        batch = logits.shape[0]
+        beams = self.num_beams
+        # [done, has_source, source (B*beams), last tokens (B*beams)]
+        step = torch.empty(2 + 2 * batch * beams, dtype=torch.long, device=tokens.device)
+        if self.parallel.tensor_rank == 0:
+            new_tokens, source = self.strategy.forward(logits, tokens, *args, **kwargs)
+            if new_tokens.shape[1] != beams:
+                raise RuntimeError(f"strategy returned {new_tokens.shape[1]} beams, expected {beams}")
+            step[0], step[1] = int(self.strategy.is_done), int(source is not None)
+            if source is not None:
+                step[2 : 2 + batch * beams] = source.flatten()
+            step[2 + batch * beams :] = new_tokens[:, :, -1].flatten()
+            self._broadcast(step)
+            self._done = bool(step[0])
+            return new_tokens, source
+        self._broadcast(step)
+        self._done = bool(step[0])
+        last = step[2 + batch * beams :].view(batch, beams, 1).to(tokens.dtype)
+        if not step[1]:
+            return torch.cat((tokens, last), dim=-1), None
+        source = step[2 : 2 + batch * beams].view(batch, beams)
+        rows = torch.arange(batch, device=tokens.device)[:, None]
+        return torch.cat((tokens[rows, source], last), dim=-1), source
+
+    def finalize(self, tokens: Tensor) -> list[list[list[int]]]:
+        outputs = self.strategy.finalize(tokens) if self.parallel.tensor_rank == 0 else None
+        self._done = False
+        return broadcast_object(outputs, self.parallel.tensor_group, self.parallel.tensor_leader)
+
+
+def synchronized(strategy: T) -> T:
+    """`strategy` made to agree across the tensor-parallel ranks (itself when there is one)."""
+    if _current.tensor_parallel_size == 1 or isinstance(strategy, SynchronizedStrategy):
+        return strategy
+    return SynchronizedStrategy(strategy, _current)  # type: ignore[return-value]
+
+
+def on_main(function: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Call `function` on rank 0 only (writing files)."""
+    return function(*args, **kwargs) if _current.is_main else None
