@@ -4,11 +4,11 @@
 lm-eval `Instance`s, whose `.args` are read). `make_lm_class()` imports lm_eval and returns `GLMLM`, an
 `lm_eval.api.model.LM` delegating to it, so this module imports fine without lm_eval.
 
-Texts are tokenized as the project's evaluator tokenizes a multiple-choice item (`glm.evaluation.dataset`):
-the context with `encode_text` (a `[MASK]` written in it becomes the mask token), the continuation with
-`encode_choice`. A context holding `[MASK]` is scored as the filling of that blank (the evaluator's layout
-for such items, so lm-eval's `acc` equals our Accuracy); otherwise `[gMASK]` is appended and the
-continuation follows the bidirectional context as a causal block.
+Texts are tokenized as the project's evaluator tokenizes a multiple-choice item: the continuation as a choice
+(`glm.evaluation.dataset.encode_choice`). The context is a query: a `[MASK]` written in it is the blank
+that the continuations fill (the adapter's convention, as `glm.infill` reads queries); otherwise `[gMASK]`
+is appended and the continuations follow the bidirectional context. A context's continuations are scored
+as one packed row (`glm.scoring`), as the evaluator scores a multiple-choice item.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from glm.decoding import generate
-from glm.evaluation.dataset import _block_logits, encode_choice, encode_text
+from glm.evaluation.dataset import encode_choice, language_model_windows
 from glm.model import GLM
-from glm.scoring import lm_logprobs
+from glm.scoring import choice_row, score_rows, window_losses, window_row
 from glm.strategies import BaseStrategy
 from glm.tokenizer import GLMTokenizer
 
@@ -45,14 +45,14 @@ class GLMAdapter:
 
     def encode_context(self, context: str) -> tuple[list[int], int | None]:
         """Context ids holding the mask token, and the `[MASK]` position (None: `[gMASK]` appended)."""
-        ids = encode_text(self.tokenizer, context)
+        ids = self.tokenizer.tokenize_with_masks(context)
         if self.mask_id in ids:
             return ids, ids.index(self.mask_id)
         return [*ids, self.gmask_id], None
 
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
-        """(summed log-prob, every token the argmax) of each continuation; one forward pass per context."""
+        """(summed log-prob, every token the argmax) of each continuation; one packed row per context."""
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(_args(request)[0], []).append(index)
@@ -62,33 +62,23 @@ class GLMAdapter:
             blocks = [encode_choice(self.tokenizer, _args(requests[i])[1]) for i in indices]
             if any(not b for b in blocks):
                 raise ValueError("an empty continuation cannot be scored")
-            rows = len(blocks)
-            logits = _block_logits(self.model, [ids] * rows, blocks, [position] * rows, self.tokenizer.sop_id)
-            logprobs = logits.float().log_softmax(-1).cpu()
-            for row, (index, block) in enumerate(zip(indices, blocks, strict=True)):
-                steps, target = torch.arange(len(block)), torch.tensor(block)
-                scores = logprobs[row, steps]
-                greedy = bool((scores.argmax(-1) == target).all())
-                results[index] = (float(scores[steps, target].sum()), greedy)
+            row = choice_row(ids, blocks, position, sop_id=self.tokenizer.sop_id)
+            (scores,) = score_rows(self.model, [row])
+            for index, score in zip(indices, scores, strict=True):
+                results[index] = (score.total, score.greedy)
         return results
 
     @torch.no_grad()
     def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
-        """Summed log-prob of each whole text: windows of `max_length - 1` tokens advancing by
-        `rolling_stride`, each token scored once given up to `max_length - 1 - stride` earlier ones."""
+        """Summed log-prob of each whole text: the evaluator's LM windows (`max_length - 1` tokens advancing
+        by `rolling_stride`, the part already scored being context), each token scored once."""
+        mask, sop = self.gmask_id, self.tokenizer.sop_id
         results = []
         for request in requests:
             ids = self.tokenizer.tokenize(_args(request)[0])
-            total, start, window = 0.0, 0, self.max_length - 1
-            while start < len(ids):
-                end = min(start + self.rolling_stride, len(ids)) if start else min(window, len(ids))
-                prefix = max(0, end - window)
-                chunk = ids[prefix:end]
-                sop = self.tokenizer.sop_id
-                scores = lm_logprobs(self.model, chunk, start - prefix, gmask_id=self.gmask_id, sop_id=sop)
-                total += float(scores.sum())
-                start = end
-            results.append(total)
+            windows = language_model_windows(ids, self.max_length, self.rolling_stride, unidirectional=False)
+            rows = [window_row(w.prompt, w.text, mask_id=mask, sop_id=sop) for w in windows]
+            results.append(-sum(window_losses(self.model, rows)) if rows else 0.0)
         return results
 
     @torch.no_grad()

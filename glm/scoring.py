@@ -1,88 +1,193 @@
-"""Log-probabilities of given continuations, for evaluation: multiple-choice blanks and language modelling.
+"""Log-probabilities of given continuations in the original evaluator's packed layout (the one scorer).
 
-Everything is scored under the layout generation uses (`glm.decoding.build_inputs`), as the original
-evaluator does (`evaluation/dataset.py`): a bidirectional context holding the mask token, then `sop` and the
-continuation as a causal block that sees the whole context. For `[MASK]` the block takes the mask's
-position; for `[gMASK]` (the last context token) positions continue after the context. Teacher forcing: the
-block's inputs are `sop` + continuation[:-1], its targets the continuation. Sums are not length-normalised.
+A packed row (`evaluation/dataset.py` of GLM-130B) is a bidirectional context `tokens[:division]` followed
+by causal blocks, each seeing the whole context and itself but no other block. A multiple-choice sample is
+one row (the context once, then `sop + choice[:-1]` per choice); a language-model window is a row with one
+block (`prompt + [mask]`, then `sop + text[:-1]`). Several rows go through one forward pass, right-padded.
+Teacher forcing: the distribution at a block position scores the token after it; sums are not
+length-normalised (the original's `cond_log_prob` and `calculate_loss`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from glm.decoding import PAD_TOKEN, build_inputs
 from glm.model import GLM
+
+PAD_TOKEN = 0  # the original pads batches with token 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Scores `ids[j]` with the next-token distribution at row index `positions[j]`."""
+
+    positions: list[int]
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    logprobs: Tensor  # [len(ids)] fp32, on the CPU
+    greedy: bool  # every id is the argmax of its distribution (lm-eval's `is_greedy`)
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+
+@dataclass
+class PackedRow:
+    """One row: `tokens[:division]` bidirectional; each `blocks` range [start, end) causal after it."""
+
+    tokens: list[int]
+    position_ids: list[int]
+    division: int
+    blocks: list[tuple[int, int]]
+    targets: list[Target] = field(default_factory=list)
+
+    def visible(self) -> Tensor:
+        """[L, L] bool, True = may attend (the original's 1): everything sees the context, a block row
+        sees its own block causally."""
+        n = len(self.tokens)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[:, : self.division] = True
+        for start, end in self.blocks:
+            mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        return mask
+
+
+def check_row(row: PackedRow, max_length: int) -> None:
+    n = len(row.tokens)
+    if n > max_length:
+        raise ValueError(f"a row of {n} tokens exceeds the model's maximum sequence length {max_length}")
+    if len(row.position_ids) != n or not 0 < row.division <= n:
+        raise ValueError("a row needs one position per token and a context of at least one token")
+    edges = [row.division]
+    for start, end in row.blocks:
+        if start != edges[-1] or end <= start:
+            raise ValueError("blocks must follow the context back to back and be non-empty")
+        edges.append(end)
+    if edges[-1] != n:
+        raise ValueError("every token after the context belongs to a block")
+    for target in row.targets:
+        if len(target.positions) != len(target.ids) or not target.ids:
+            raise ValueError("a target needs one position per id and at least one id")
+        if any(not 0 <= p < n for p in target.positions):
+            raise ValueError("a target position is outside the row")
 
 
 @torch.no_grad()
-def block_logprobs(
-    model: GLM,
-    context_ids: Sequence[int],
-    continuations: Sequence[Sequence[int]],
-    mask_id_position: int | None,
-    *,
-    sop_id: int,
-) -> list[Tensor]:
-    """Per-token log-probs (fp32, one tensor per continuation) of each continuation filling the blank.
-
-    `context_ids` holds the mask token: `[MASK]`/`[sMASK]` at `mask_id_position`, or `[gMASK]` as its last
-    token when `mask_id_position` is None; `sop` is appended here. All continuations are scored in one
-    forward pass, one row each (rows are independent: a block sees only the context and itself).
-    """
-    if not continuations or any(len(c) == 0 for c in continuations):
-        raise ValueError("need at least one continuation, and none may be empty")
-    if mask_id_position is not None and not 0 <= mask_id_position < len(context_ids):
-        raise ValueError(f"mask position {mask_id_position} is outside the context of {len(context_ids)}")
-    context = [*context_ids, sop_id]
-    n, longest, rows = len(context), max(len(c) for c in continuations), len(continuations)
-    if n + longest - 1 > model.config.max_sequence_length:
-        raise ValueError(
-            f"context {n} + continuation {longest} tokens exceed the model's maximum sequence length "
-            f"{model.config.max_sequence_length}"
-        )
+def score_rows(model: GLM, rows: Sequence[PackedRow]) -> list[list[TargetScore]]:
+    """Every target of every row, all rows in one forward pass."""
+    if not rows:
+        return []
+    for row in rows:
+        check_row(row, model.config.max_sequence_length)
+    batch, longest = len(rows), max(len(r.tokens) for r in rows)
+    tokens = torch.full((batch, longest), PAD_TOKEN, dtype=torch.long)
+    positions = torch.zeros(batch, longest, dtype=torch.long)
+    visible = torch.eye(longest, dtype=torch.bool).repeat(batch, 1, 1)  # padding sees itself: no empty row
+    wanted = [sorted({p for t in r.targets for p in t.positions}) for r in rows]
+    logits_at = torch.zeros(batch, max(1, max(map(len, wanted))), dtype=torch.long)
+    for i, (row, at) in enumerate(zip(rows, wanted, strict=True)):
+        n = len(row.tokens)
+        tokens[i, :n] = torch.tensor(row.tokens)
+        positions[i, :n] = torch.tensor(row.position_ids)
+        visible[i, :n, :n] = row.visible()
+        logits_at[i, : len(at)] = torch.tensor(at, dtype=torch.long)
     device = model.device
-    inputs = build_inputs([context] * rows, longest - 1, [mask_id_position] * rows, device)
-    targets = torch.full((rows, longest), PAD_TOKEN, dtype=torch.long)
-    for i, continuation in enumerate(continuations):
-        targets[i, : len(continuation)] = torch.tensor(continuation)
-    targets = targets.to(device)
-    tokens = torch.cat([inputs.tokens, targets[:, :-1]], dim=1)  # [rows, n + longest - 1]
-    logits_at = torch.arange(n - 1, n - 1 + longest, device=device).expand(rows, -1)  # sop .. last input
-    logits = model(tokens, inputs.position_ids, inputs.attention_mask, logits_at=logits_at)  # [rows, L, V]
-    logprobs = logits.float().log_softmax(dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [rows, L]
-    return [logprobs[i, : len(c)].cpu() for i, c in enumerate(continuations)]
+    logits = model(
+        tokens.to(device),
+        positions.to(device),
+        (~visible)[:, None].to(device),
+        logits_at=logits_at.to(device),
+    )  # [batch, k, vocab]
+    results = []
+    for i, (row, at) in enumerate(zip(rows, wanted, strict=True)):
+        row_logits = logits[i, : len(at)].float()  # one row at a time: fp32 logits are [k, vocab]
+        logprobs = (row_logits - row_logits.logsumexp(-1, keepdim=True)).cpu()
+        best = row_logits.argmax(-1).cpu()
+        column = {p: j for j, p in enumerate(at)}
+        scores = []
+        for target in row.targets:
+            index = torch.tensor([column[p] for p in target.positions])
+            ids = torch.tensor(target.ids)
+            scores.append(TargetScore(logprobs[index, ids], bool((best[index] == ids).all())))
+        results.append(scores)
+    return results
 
 
-def choice_logprobs(
-    model: GLM,
-    context_ids: Sequence[int],
+def choice_scores(model: GLM, rows: Sequence[PackedRow]) -> list[list[float]]:
+    """The summed log-prob of every target (a choice) of every row: the original's `cond_log_prob`."""
+    return [[s.total for s in scores] for scores in score_rows(model, rows)]
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def choice_row(
+    context: Sequence[int],
     choices: Sequence[Sequence[int]],
-    mask_id_position: int | None,
+    mask_position: int | None,
     *,
     sop_id: int,
-) -> list[float]:
-    """The summed log-probability of each choice filling the blank (the original's `cond_log_prob`).
+    single_token: bool = False,
+    multitask_encoding: bool = False,
+) -> PackedRow:
+    """The original's multiple-choice row (`build_multiple_choice_sample`) for a context holding the mask.
 
-    `context_ids` contains `[MASK]` at `mask_id_position`, or ends with `[gMASK]` when it is None. The
-    prediction of a multiple-choice task is the argmax of the returned list.
+    `mask_position` is the index of `[MASK]` in `context`, or None for `[gMASK]` (then each block's
+    positions restart after the context). With `[MASK]`, every block takes the mask's position, or, with
+    `multitask_encoding` when the mask was appended after the text (`mask_position == len(context) - 1`,
+    the caller's promise), positions counting up from it. `single_token`: one `sop` block whose one
+    distribution scores every (one-token) choice.
     """
-    return [
-        float(t.sum()) for t in block_logprobs(model, context_ids, choices, mask_id_position, sop_id=sop_id)
-    ]
+    if not choices or any(len(c) == 0 for c in choices):
+        raise ValueError("need at least one choice, and no choice may be empty")
+    if single_token and any(len(c) != 1 for c in choices):
+        raise ValueError("single-token mode needs one-token choices")
+    division = len(context)
+    if mask_position is not None and not 0 <= mask_position < division:
+        raise ValueError(f"mask position {mask_position} is outside the context of {division}")
+    tokens, positions = list(context), list(range(division))
+    blocks, targets = [], []
+    for choice in choices[:1] if single_token else choices:
+        start, length = len(tokens), len(choice)
+        if mask_position is None:
+            positions += range(division, division + length)
+        elif multitask_encoding:
+            positions += range(mask_position, mask_position + length)
+        else:
+            positions += [mask_position] * length
+        tokens += [sop_id, *choice[:-1]]
+        blocks.append((start, start + length))
+        targets.append(Target(list(range(start, start + length)), list(choice)))
+    if single_token:
+        targets = [Target([division], list(c)) for c in choices]
+    return PackedRow(tokens, positions, division, blocks, targets)
 
 
-def lm_logprobs(model: GLM, ids: Sequence[int], prefix: int, *, gmask_id: int, sop_id: int) -> Tensor:
-    """Log-probs [len(ids) - prefix] (fp32) of ids[prefix:] given the bidirectional prefix ids[:prefix].
+def window_row(prompt: Sequence[int], text: Sequence[int], *, mask_id: int, sop_id: int) -> PackedRow:
+    """The original's language-model window: `prompt + [mask]` bidirectional (context only), then
+    `sop + text[:-1]` causal scoring `text`; positions are linear."""
+    if not text:
+        raise ValueError("a window needs text to score")
+    division = len(prompt) + 1
+    tokens = [*prompt, mask_id, sop_id, *text[:-1]]
+    end = len(tokens)
+    return PackedRow(
+        tokens,
+        list(range(end)),
+        division,
+        [(division, end)],
+        [Target(list(range(division, end)), list(text))],
+    )
 
-    The `[gMASK]` language-modelling layout of GLM-130B: context = ids[:prefix] + [gMASK] (positions
-    0..prefix, all tokens see each other), then `sop` + ids[prefix:-1] as a causal block with positions
-    continuing after the context; entry i is log p(ids[prefix + i] | ids[:prefix + i]). `prefix` may be 0
-    (only `[gMASK]` as context). The negated sum over windows gives the held-out NLL for perplexity.
-    """
-    if not 0 <= prefix < len(ids):
-        raise ValueError(f"prefix {prefix} leaves nothing to score in {len(ids)} tokens")
-    return block_logprobs(model, [*ids[:prefix], gmask_id], [ids[prefix:]], None, sop_id=sop_id)[0]
+
+def window_losses(model: GLM, rows: Sequence[PackedRow]) -> list[float]:
+    """The summed NLL (nats) of each window row's text (the original's `calculate_loss`)."""
+    return [-score.total for (score,) in score_rows(model, rows)]

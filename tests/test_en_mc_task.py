@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from scoring_oracle import choice_positions, per_choice_scores
 
 from glm.evaluate import cli
+from glm.evaluation.dataset import encode_choice
 from tools.build_eval_sets import multiple_choice_item
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +48,8 @@ def test_multiple_choice_item_conversion() -> None:
         multiple_choice_item(record | {"answer": "B. a marsh"})  # letter and text disagree
 
 
-def test_mmlu_task_runs(tiny_checkpoint, tmp_path, capsys) -> None:
+def test_mmlu_task_accuracy_equals_each_choice_alone(tiny_checkpoint, tiny_model, tmp_path, capsys) -> None:
+    model, tokenizer = tiny_model
     args = [REPO / "tasks/offline/en_mmlu.yaml", "--limit", "5", "--output-dir", tmp_path]
     with pytest.raises(SystemExit) as exit_info:
         cli([str(a) for a in [*args, "--checkpoint", tiny_checkpoint]])
@@ -54,9 +57,18 @@ def test_mmlu_task_runs(tiny_checkpoint, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "> Successfully load 1 task\n" in out and "Finish test.jsonl, Accuracy = " in out
     (results,) = tmp_path.glob("evaluate-*.json")
-    report = json.loads(results.read_text())
-    (task,) = report["tasks"]
+    (task,) = json.loads(results.read_text())["tasks"]
     assert task["name"] == "en_mmlu"
     (group,) = task["groups"].values()
     (entry,) = group["files"].values()
-    assert entry["samples"] == 5 and 0 <= entry["metrics"]["Accuracy"] <= 100
+
+    correct = 0  # each choice scored alone after the plain-text question and an appended [MASK]
+    mask = tokenizer.get_command("[MASK]")
+    for item in [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()[:5]]:
+        context = [*tokenizer.tokenize(item["inputs_pretokenized"]), mask]
+        choices = [encode_choice(tokenizer, c) for c in item["choices_pretokenized"]]
+        scores = per_choice_scores(
+            model, context, choices, tokenizer.sop_id, choice_positions(len(context), len(context) - 1)
+        )
+        correct += max(range(4), key=scores.__getitem__) == item["label"]
+    assert entry["samples"] == 5 and entry["metrics"]["Accuracy"] == pytest.approx(100 * correct / 5)

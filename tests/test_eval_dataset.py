@@ -1,8 +1,9 @@
-"""Evaluation samples (glm.evaluation.dataset) against hand-built expectations and glm.scoring."""
+"""Evaluation samples (glm.evaluation.dataset) against hand-built expectations; data checks."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,20 +13,18 @@ from glm.evaluation.dataset import (
     LanguageModelWindow,
     build_generation_sample,
     build_multiple_choice_sample,
-    encode_text,
+    check_generation_items,
+    check_multiple_choice_items,
     generate_samples,
     generation_samples,
+    language_model_document,
     language_model_windows,
-    multiple_choice_logprobs,
     multiple_choice_samples,
     num_windows,
-    score_blocks,
+    read_jsonl,
     tokenized_input,
     truncate_choice_context,
-    window_losses,
 )
-from glm.evaluation.metrics import perplexity
-from glm.scoring import block_logprobs, choice_logprobs, lm_logprobs
 from glm.strategies import BaseStrategy
 
 MASK, GMASK, SOP = 60, 61, 62
@@ -38,30 +37,36 @@ def visible(rows: list[str]) -> torch.Tensor:
 
 def test_multiple_choice_sample_with_mask_in_the_text() -> None:
     sample = build_multiple_choice_sample([5, MASK, 7], [[1, 2], [3]], 0, False, MASK, SOP, False)
-    assert sample.tokens == [5, MASK, 7, SOP, 1, SOP]
-    assert sample.position_ids == [0, 1, 2, 1, 1, 1]  # every block takes the mask's position
-    assert sample.choice_target_ids == [[3, 4], [5]]
-    assert (sample.division, sample.mask_position, sample.is_single_token) == (3, 1, False)
+    row = sample.row
+    assert row.tokens == [5, MASK, 7, SOP, 1, SOP]
+    assert row.position_ids == [0, 1, 2, 1, 1, 1]  # every block takes the mask's position
+    assert [t.positions for t in row.targets] == [[3, 4], [5]] and [t.ids for t in row.targets] == [
+        [1, 2],
+        [3],
+    ]
+    assert (row.division, sample.mask_position, sample.is_single_token) == (3, 1, False)
     expected = ["111...", "111...", "111...", "1111..", "11111.", "111..1"]  # choices don't see each other
-    assert torch.equal(sample.attention_mask(), visible(expected))
+    assert torch.equal(row.visible(), visible(expected))
 
 
 def test_multiple_choice_sample_with_appended_gmask() -> None:
     sample = build_multiple_choice_sample([5, 6], [[1, 2], [3, 4]], 1, False, GMASK, SOP, True)
-    assert sample.tokens == [5, 6, GMASK, SOP, 1, SOP, 3]
-    assert sample.position_ids == [0, 1, 2, 3, 4, 3, 4]  # positions restart after the context per choice
-    assert sample.choice_target_ids == [[3, 4], [5, 6]]
-    assert (sample.division, sample.mask_position) == (3, None)
+    row = sample.row
+    assert row.tokens == [5, 6, GMASK, SOP, 1, SOP, 3]
+    assert row.position_ids == [0, 1, 2, 3, 4, 3, 4]  # positions restart after the context per choice
+    assert [t.positions for t in row.targets] == [[3, 4], [5, 6]]
+    assert (row.division, sample.mask_position) == (3, None)
     expected = ["111....", "111....", "111....", "1111...", "11111..", "111..1.", "111..11"]
-    assert torch.equal(sample.attention_mask(), visible(expected))
+    assert torch.equal(row.visible(), visible(expected))
 
 
 def test_multiple_choice_single_token_mode_appends_the_mask_and_one_sop() -> None:
     sample = build_multiple_choice_sample([5, 6], [[1], [2], [3]], 2, True, MASK, SOP, False)
-    assert sample.tokens == [5, 6, MASK, SOP]
-    assert sample.position_ids == [0, 1, 2, 2]
-    assert sample.choice_target_ids == [[3]]
-    assert torch.equal(sample.attention_mask(), visible(["111.", "111.", "111.", "1111"]))
+    row = sample.row
+    assert row.tokens == [5, 6, MASK, SOP]
+    assert row.position_ids == [0, 1, 2, 2]
+    assert [(t.positions, t.ids) for t in row.targets] == [([3], [1]), ([3], [2]), ([3], [3])]
+    assert torch.equal(row.visible(), visible(["111.", "111.", "111.", "1111"]))
 
 
 def test_generation_samples() -> None:
@@ -108,20 +113,87 @@ def test_left_truncation(tiny_model) -> None:
     mul = multiple_choice_samples(
         [{"inputs": list(range(1, 21)), "choices": [[7, 8]], "label": 0}], tokenizer, 8, True
     )
-    assert mul[0].tokens[: mul[0].division] == [17, 18, 19, 20, tokenizer.get_command("[gMASK]")]
+    assert mul[0].context == [17, 18, 19, 20, tokenizer.get_command("[gMASK]")]
 
 
-def test_inputs_as_ids_or_text(tiny_model) -> None:
+def test_pretokenized_text_is_plain_text(tiny_model) -> None:
+    """As the original's `tokenizer.tokenize`: a "[MASK]" written in the data is text, not the mask id."""
     _, tokenizer = tiny_model
+    mask = tokenizer.get_command("[MASK]")
     assert tokenized_input({"inputs": [1, 2], "inputs_pretokenized": "x"}, "inputs", tokenizer) == [1, 2]
-    ids = tokenized_input({"inputs_pretokenized": "北京是[MASK]的首都"}, "inputs", tokenizer)
-    assert ids.count(tokenizer.get_command("[MASK]")) == 1 and ids == encode_text(
-        tokenizer, "北京是[MASK]的首都"
+    text = "北京是[MASK]的首都"
+    ids = tokenized_input({"inputs_pretokenized": text}, "inputs", tokenizer)
+    assert ids == tokenizer.tokenize(text) and mask not in ids
+    assert tokenizer.detokenize(ids) == text  # the brackets and the word are in the text
+    (sample,) = multiple_choice_samples(
+        [{"inputs_pretokenized": text, "choices_pretokenized": ["中国", "日本"], "label": 0}],
+        tokenizer,
+        64,
+        False,
     )
+    assert sample.context == [*tokenizer.tokenize(text), mask]  # the task's mask is appended after it
+    (generation,) = generation_samples([{"inputs_pretokenized": text}], tokenizer, 64, 4, False, False)
+    assert generation.tokens == [*tokenizer.tokenize(text), mask, tokenizer.sop_id]
     choices = tokenized_input({"choices_pretokenized": ["中国", "日本"]}, "choices", tokenizer)
     assert len(choices) == 2 and all(choices)
     with pytest.raises(ValueError, match="neither 'targets'"):
         tokenized_input({}, "targets", tokenizer)
+
+
+GOOD = {"inputs_pretokenized": "a", "choices_pretokenized": ["b", "c"], "label": 1}
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (GOOD | {"choices_pretokenized": []}, "item 2: no choices"),
+        (GOOD | {"label": 2}, "item 2: label 2 is out of range for 2 choices"),
+        (GOOD | {"label": -1}, "label -1 is out of range"),
+        (GOOD | {"label": True}, "'label' must be the index"),
+        ({"inputs_pretokenized": "a", "choices_pretokenized": ["b"]}, "'label' must be the index"),
+        (GOOD | {"choices_pretokenized": ["b", ""]}, "choice 1 is empty"),
+        (GOOD | {"choices_pretokenized": "b"}, "'choices_pretokenized' must be a list"),
+        ({"choices_pretokenized": ["b"], "label": 0}, "needs 'inputs' (token ids) or 'inputs_pretokenized'"),
+        (GOOD | {"inputs": "a"}, "'inputs' must be a list of token ids"),
+    ],
+)
+def test_multiple_choice_items_are_checked(item, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_multiple_choice_items([GOOD, item], "f.jsonl")
+
+
+def test_generation_items_are_checked() -> None:
+    check_generation_items([{"inputs_pretokenized": "a", "targets_pretokenized": "b"}, {"inputs": [1]}], "g")
+    with pytest.raises(ValueError, match="g: item 1: every entry of 'targets_pretokenized' must be a string"):
+        check_generation_items([{"inputs_pretokenized": "a", "targets_pretokenized": [1]}], "g")
+    with pytest.raises(ValueError, match="g: no items"):
+        check_generation_items([], "g")
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2,}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3:9: malformed JSON line")):
+        read_jsonl(path)
+    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: expected a JSON object, got list")):
+        read_jsonl(path)
+    path.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_jsonl(path)
+
+
+def test_language_model_document_counts(tiny_model, tmp_path) -> None:
+    _, tokenizer = tiny_model
+    text = "Two  words\n和中文。\n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ids, item = language_model_document(tmp_path / "t.txt", tokenizer)
+    # words: the stripped text split on single spaces ("Two", "", "words\n和中文。"); bytes: 11 + 4 × 3 + 1
+    assert ids == tokenizer.tokenize(text)
+    assert item == {"num_original_tokens": 3, "num_tokens": len(ids), "utf8_length": 11 + 12 + 1}
+    (tmp_path / "e.txt").write_text(" \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no text to score"):
+        language_model_document(tmp_path / "e.txt", tokenizer)
 
 
 def test_language_model_windows_by_hand() -> None:
@@ -138,64 +210,6 @@ def test_language_model_windows_by_hand() -> None:
     ]
     unidirectional = language_model_windows(tokens, 8, 3, unidirectional=True)
     assert all(not w.prompt for w in unidirectional) and unidirectional[1].text == [3, 4, 5, 6, 7, 8, 9]
-
-
-def test_window_losses_and_ppl_match_lm_logprobs(tiny_model) -> None:
-    model, tokenizer = tiny_model
-    gmask, sop = tokenizer.get_command("[gMASK]"), tokenizer.sop_id
-    tokens = tokenizer.tokenize("The river runs past the old mill and on into the town by the sea. " * 2)
-    windows = language_model_windows(tokens, 12, 4, unidirectional=False)
-    losses = window_losses(model, windows, gmask, sop)  # all windows in one forward
-    expected = [
-        -float(lm_logprobs(model, w.prompt + w.text, len(w.prompt), gmask_id=gmask, sop_id=sop).sum())
-        for w in windows
-    ]
-    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-4)
-    words = 28
-    assert perplexity(losses, [{"num_original_tokens": words}]) == pytest.approx(
-        math.exp(min(20, sum(expected) / words)), rel=1e-5
-    )
-
-
-def test_batched_choice_scores_equal_choice_logprobs(tiny_model) -> None:
-    model, tokenizer = tiny_model
-    items = [
-        {
-            "inputs_pretokenized": "北京是[MASK]的首都。",
-            "choices_pretokenized": ["中国", "日本", "美国"],
-            "label": 0,
-        },
-        {
-            "inputs_pretokenized": "The cat sat on the",
-            "choices_pretokenized": [" mat", " dog and the"],
-            "label": 1,
-        },
-    ]
-    for use_task_mask in (False, True):
-        samples = multiple_choice_samples(items, tokenizer, 64, use_task_mask)
-        scores = multiple_choice_logprobs(model, samples, tokenizer.sop_id)
-        for sample, got in zip(samples, scores, strict=True):
-            context = sample.tokens[: sample.division]
-            want = choice_logprobs(
-                model, context, sample.choices, sample.mask_position, sop_id=tokenizer.sop_id
-            )
-            assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
-    single = [
-        {"inputs": [30, 31, 32], "choices": [[40], [41], [42]], "label": 0},
-        {"inputs": [33], "choices": [[44], [45]], "label": 1},
-    ]
-    samples = multiple_choice_samples(single, tokenizer, 64, False)
-    assert all(s.is_single_token for s in samples)
-    for sample, got in zip(samples, multiple_choice_logprobs(model, samples, tokenizer.sop_id), strict=True):
-        context = sample.tokens[: sample.division]
-        want = choice_logprobs(model, context, sample.choices, sample.mask_position, sop_id=tokenizer.sop_id)
-        assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
-    rows = score_blocks(
-        model, [[30, MASK], [30, 31, 32, GMASK]], [[40, 41], [42]], [1, None], tokenizer.sop_id
-    )
-    assert rows[0] == pytest.approx(
-        block_logprobs(model, [30, MASK], [[40, 41]], 1, sop_id=tokenizer.sop_id)[0]
-    )
 
 
 def test_generate_samples_equal_generate(tiny_model) -> None:

@@ -1,22 +1,27 @@
-"""Task classes (glm.evaluation.tasks) and the evaluate CLI on the tiny model."""
+"""Task classes (glm.evaluation.tasks) and the evaluate CLI on the tiny model, against independent
+computations (each choice alone, the original's literal LM windows, greedy decoding by hand)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from scoring_oracle import choice_positions, per_choice_scores, window_nll_by_hand
 
+import glm.evaluate as evaluate_module
 from glm.decoding import generate
 from glm.evaluate import cli
 from glm.evaluation.config import config_from_dict, load_task_config, resolve_file_groups
-from glm.evaluation.dataset import encode_choice, encode_text
+from glm.evaluation.dataset import encode_choice
 from glm.evaluation.metrics import normalize_answer
 from glm.evaluation.tasks import GenerationTask, LanguageModelTask, MultiChoiceTask, task_class
-from glm.scoring import choice_logprobs
-from glm.strategies import BaseStrategy, BeamSearchStrategy
+from glm.strategies import BeamSearchStrategy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,72 +52,138 @@ def make_task(cls, model, tokenizer, root: Path, **config):
     return cls(model, tokenizer, config_from_dict(config), root)
 
 
-def test_multiple_choice_accuracy_equals_choice_logprobs_argmax(tiny_model, tmp_path, capsys) -> None:
+def oracle_scores(
+    model, tokenizer, item: dict, use_task_mask: bool = False, multitask: bool = False
+) -> list[float]:
+    """Every choice alone in its own row; the context is the plain-text input, the task's mask appended."""
+    mask = tokenizer.get_command("[gMASK]" if use_task_mask else "[MASK]")
+    context = [*tokenizer.tokenize(item["inputs_pretokenized"]), mask]
+    choices = [encode_choice(tokenizer, c) for c in item["choices_pretokenized"]]
+    positions = choice_positions(len(context), None if use_task_mask else len(context) - 1, multitask)
+    return per_choice_scores(model, context, choices, tokenizer.sop_id, positions)
+
+
+def argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+@pytest.mark.parametrize(("use_task_mask", "multitask"), [(False, False), (True, False), (False, True)])
+def test_multiple_choice_accuracy_equals_each_choice_alone(
+    tiny_model, tmp_path, capsys, use_task_mask, multitask
+):
     model, tokenizer = tiny_model
     write(tmp_path / "mul/p1/test.jsonl", jsonl(MUL_ITEMS))
     write(tmp_path / "mul/p2/test.jsonl", jsonl(MUL_ITEMS[:1]))
-    task = make_task(
-        MultiChoiceTask, model, tokenizer, tmp_path, name="m", type="mul", path="mul", micro_batch_size=2
-    )
+    config = dict(name="m", type="mul", path="mul", micro_batch_size=2, use_task_mask=use_task_mask)
+    task = make_task(MultiChoiceTask, model, tokenizer, tmp_path, use_multitask_encoding=multitask, **config)
     result = task.evaluate()
 
-    correct = 0
-    for item in MUL_ITEMS:
-        ids = encode_text(tokenizer, item["inputs_pretokenized"])
-        mask = tokenizer.get_command("[MASK]")
-        if mask not in ids:
-            ids.append(mask)
-        choices = [encode_choice(tokenizer, c) for c in item["choices_pretokenized"]]
-        scores = choice_logprobs(model, ids, choices, ids.index(mask), sop_id=tokenizer.sop_id)
-        correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
+    scores = [oracle_scores(model, tokenizer, item, use_task_mask, multitask) for item in MUL_ITEMS]
+    correct = [argmax(s) == item["label"] for s, item in zip(scores, MUL_ITEMS, strict=True)]
     metrics, count = result.groups["all"]["p1/test.jsonl"]
-    assert count == 3 and metrics["Accuracy"] == pytest.approx(100 * correct / 3)
+    assert count == 3 and metrics["Accuracy"] == pytest.approx(100 * sum(correct) / 3)
     out = capsys.readouterr().out
     assert "Evaluating task m:\n    Evaluating group all:\n        Finish p1/test.jsonl, Accuracy = " in out
     assert "Evaluation results of task m:\n    Group all Accuracy: max = " in out
 
 
-def test_generation_em_equals_greedy_generate(tiny_model, tmp_path) -> None:
+def test_multitask_encoding_positions_through_the_task(tiny_model, tmp_path) -> None:
+    """use_multitask_encoding: [MASK] blocks count positions up from the appended mask (the original's
+    layout); without it they all take the mask's position."""
     model, tokenizer = tiny_model
-    end = tokenizer.end_ids
-    answers = []
-    for item in GEN_ITEMS:  # by hand: [MASK] appended unless present, then sop; greedy
-        ids = encode_text(tokenizer, item["inputs_pretokenized"])
-        mask = tokenizer.get_command("[MASK]")
-        if mask not in ids:
-            ids.append(mask)
-        position = ids.index(mask)
-        (beams,) = generate(
-            model, [[*ids, tokenizer.sop_id]], BaseStrategy(1, top_k=1, end_tokens=end), 6, [position]
-        )
-        out = beams[0][len(ids) + 1 :]
-        answers.append(tokenizer.detokenize(out[:-1] if out and out[-1] in end else out))
-    assert normalize_answer(answers[0])  # the first target is what greedy decoding gives, the second not
-    items = [
+    item = {"inputs": [30, 31, 32], "choices": [[40, 41, 42], [43]], "label": 0}
+    write(tmp_path / "mul/test.jsonl", jsonl([item]))
+    positions = {}
+    for multitask in (False, True):
+        config = dict(name="m", type="mul", path="mul", use_multitask_encoding=multitask)
+        task = make_task(MultiChoiceTask, model, tokenizer, tmp_path, **config)
+        (sample,) = task.build_dataset(tmp_path / "mul/test.jsonl").samples
+        positions[multitask] = sample.row.position_ids
+    assert positions[False] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert positions[True] == [0, 1, 2, 3, 3, 4, 5, 3]
+
+
+def greedy_answer(model, tokenizer, text: str, steps: int) -> str:
+    """Greedy decoding by hand: the whole sequence recomputed each step, [MASK] appended, then sop."""
+    mask, sop = tokenizer.get_command("[MASK]"), tokenizer.sop_id
+    context = [*tokenizer.tokenize(text), mask, sop]
+    n, generated = len(context), []
+    for _ in range(steps):
+        tokens = [*context, *generated]
+        length = len(tokens)
+        visible = torch.ones(length, length, dtype=torch.bool).tril()
+        visible[:, : n - 1] = True  # the context before sop is bidirectional and seen by all
+        positions = [*range(n - 1), *[n - 2] * (length - n + 1)]  # sop and the answer at the mask's position
+        logits = model(torch.tensor([tokens]), torch.tensor([positions]), ~visible[None, None])
+        token = int(logits[0, -1].argmax())
+        if token in tokenizer.end_ids:
+            break
+        generated.append(token)
+    return tokenizer.detokenize(generated)
+
+
+def test_generation_em_against_greedy_decoding_by_hand(tiny_model, tmp_path) -> None:
+    model, tokenizer = tiny_model
+    answers = [greedy_answer(model, tokenizer, item["inputs_pretokenized"], 6) for item in GEN_ITEMS]
+    assert normalize_answer(answers[0])
+    items = [  # the first target is the greedy answer, the second one word longer: EM 50, F1 in between
         GEN_ITEMS[0] | {"targets_pretokenized": [answers[0]]},
-        GEN_ITEMS[1] | {"targets_pretokenized": ["x"]},
+        GEN_ITEMS[1] | {"targets_pretokenized": [answers[1] + " zebra"]},
     ]
     write(tmp_path / "gen/test.jsonl", jsonl(items))
     config = dict(name="g", type="gen", path="gen", max_gen_length=6, micro_batch_size=2)
     result = make_task(GenerationTask, model, tokenizer, tmp_path, **config).evaluate()
     metrics, count = result.groups["all"]["test.jsonl"]
-    expected_em = 50.0 if normalize_answer(answers[1]) != "x" else 100.0
-    assert count == 2 and metrics["EM"] == expected_em
+    assert count == 2 and metrics["EM"] == 50.0
+    words = len(normalize_answer(answers[1]).split())
+    f1_second = 2 * words / (2 * words + 1) if words else 0.0  # precision 1, recall words / (words + 1)
+    assert metrics["F1"] == pytest.approx(100 * (1 + f1_second) / 2)
 
 
-def test_language_model_ppl(tiny_model, tmp_path) -> None:
+def test_language_model_metrics_by_hand(tiny_model, tmp_path, capsys) -> None:
     model, tokenizer = tiny_model
     write(tmp_path / "lm/test.txt", LM_TEXT)
     config = dict(name="l", type="lm", path="lm", file_pattern="*.txt", use_task_mask=True, max_seq_length=24)
     task = make_task(
         LanguageModelTask, model, tokenizer, tmp_path, micro_batch_size=3, generation_length=8, **config
     )
-    dataset = task.build_dataset(tmp_path / "lm/test.txt")
-    losses = task.predict_single_batch(dataset.samples)
     metrics, count = task.evaluate().groups["all"]["test.txt"]
-    words = len(LM_TEXT.strip().split(" "))
-    assert count == len(dataset.samples) > 2
-    assert metrics["PPL"] == pytest.approx(math.exp(min(20, sum(losses) / words)), rel=1e-5)
+    ids = tokenizer.tokenize(LM_TEXT)
+    gmask, sop = tokenizer.get_command("[gMASK]"), tokenizer.sop_id
+    windows = max(math.ceil(max(len(ids) - 23, 0) / 8) + 1, 1)  # the original's num_sequences
+    nll = 0.0
+    for i in range(windows):  # 23 tokens each; after the first, 15 of context and 8 scored
+        chunk = ids[i * 8 : i * 8 + 23]
+        cut = 0 if i == 0 else 15
+        if chunk[cut:]:
+            nll += window_nll_by_hand(model, chunk[:cut], chunk[cut:], gmask, sop)
+    words, size = len(LM_TEXT.strip().split(" ")), len(LM_TEXT.encode())
+    assert count == windows
+    assert metrics["PPL"] == pytest.approx(math.exp(min(20, nll / words)), rel=1e-4)
+    assert metrics["PPL_token"] == pytest.approx(math.exp(nll / len(ids)), rel=1e-4)
+    assert metrics["BPB_text"] == pytest.approx(nll / size / math.log(2), rel=1e-4)
+    out = capsys.readouterr().out
+    assert f"(PPL per {words} space-separated words, as the original; PPL_token per {len(ids)} tokens" in out
+
+
+def test_too_long_settings_warn_naming_both_numbers(tiny_model, tmp_path, capsys) -> None:
+    model, tokenizer = tiny_model
+    write(tmp_path / "lm/test.txt", LM_TEXT)
+    config = dict(name="l", type="lm", path="lm", file_pattern="*.txt", use_task_mask=True)
+    task = make_task(
+        LanguageModelTask, model, tokenizer, tmp_path, max_seq_length=4096, generation_length=2000, **config
+    )
+    err = capsys.readouterr().err
+    limit = model.config.max_sequence_length
+    assert (
+        f"warning: task 'l': max_seq_length 4096 is above the model's maximum sequence length {limit}; "
+        f"using {limit}" in err
+    )
+    assert f"generation_length 2000 is above max_seq_length - 1 = {limit - 1}; using {limit - 1}" in err
+    dataset = task.build_dataset(tmp_path / "lm/test.txt")
+    assert [t for w in dataset.samples for t in w.text] == tokenizer.tokenize(LM_TEXT)  # each token once
+    make_task(LanguageModelTask, model, tokenizer, tmp_path, max_seq_length=limit, **config)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_custom_module_and_lambada() -> None:
@@ -154,7 +225,8 @@ def data(tmp_path) -> Path:
     return tmp_path
 
 
-def test_cli_end_to_end(tiny_checkpoint, data, capsys) -> None:
+def test_cli_end_to_end(tiny_checkpoint, tiny_model, data, capsys) -> None:
+    model, tokenizer = tiny_model
     out_dir = data / "out"
     args = ["--checkpoint", tiny_checkpoint, "--data-path", data / "data", "--output-dir", out_dir]
     assert run([data / "tasks", *args, "--save-predictions"]) == 0
@@ -169,18 +241,32 @@ def test_cli_end_to_end(tiny_checkpoint, data, capsys) -> None:
     assert "        Finish test.txt, PPL = " in out and "Finish 3 tasks in " in out
     (results,) = out_dir.glob("evaluate-*.json")
     report = json.loads(results.read_text())
-    assert report["checkpoint"] == str(tiny_checkpoint)
+    assert report["checkpoint"] == str(tiny_checkpoint) and report["complete"] is True
     assert [t["name"] for t in report["tasks"]] == ["L", "M", "G"]  # lm.yml, mul.yaml, sub/gen.yaml
     mul = report["tasks"][1]["groups"]["test"]
-    assert mul["files"]["p2/test.jsonl"]["samples"] == 2 and set(mul["stats"]["Accuracy"]) == {
-        "max",
-        "median",
-        "average",
-    }
+    assert mul["files"]["p2/test.jsonl"]["samples"] == 2
+    assert set(mul["stats"]["Accuracy"]) == {"max", "median", "average"}
+
     predictions = [
         json.loads(line) for line in results.with_suffix(".predictions.jsonl").read_text().splitlines()
     ]
-    assert sum(p["task"] == "M" for p in predictions) == 5 and sum(p["task"] == "G" for p in predictions) == 2
+    assert [p["task"] for p in predictions].count("M") == 5 and [p["task"] for p in predictions].count(
+        "G"
+    ) == 2
+    first = next(p for p in predictions if p["task"] == "M" and p["file"] == "p1/test.jsonl")
+    item = MUL_ITEMS[0]
+    assert (first["input"], first["choices"], first["label"]) == (
+        item["inputs_pretokenized"],
+        item["choices_pretokenized"],
+        item["label"],
+    )
+    assert first["scores"] == pytest.approx(oracle_scores(model, tokenizer, item), abs=1e-3)
+    assert first["prediction"] == argmax(first["scores"])
+    generated = next(p for p in predictions if p["task"] == "G")
+    assert generated["input"] == GEN_ITEMS[0]["inputs_pretokenized"] and generated["targets"] == ["x"]
+    assert isinstance(generated["prediction"], str)
+    window = next(p for p in predictions if p["task"] == "L")
+    assert window["tokens"] > 0 and window["loss"] > 0
 
     # positional and --task paths together; --limit
     assert run([data / "tasks/mul.yaml", "--task", data / "tasks/lm.yml", *args, "--limit", "1"]) == 0
@@ -188,28 +274,178 @@ def test_cli_end_to_end(tiny_checkpoint, data, capsys) -> None:
     assert "> Successfully load 2 tasks" in out and "Finish 2 tasks in " in out
 
 
+def test_results_record_what_produced_them(tiny_checkpoint, data, capsys) -> None:
+    out_dir = data / "out"
+    argv = [data / "tasks/mul.yaml", "--checkpoint", tiny_checkpoint, "--data-path", data / "data"]
+    argv += ["--output-dir", out_dir, "--micro-batch-size", "3"]
+    old = os.umask(0o027)
+    try:
+        assert run(argv) == 0
+    finally:
+        os.umask(old)
+    (results,) = out_dir.glob("evaluate-*.json")
+    assert results.stat().st_mode & 0o777 == 0o640  # 0o666 & ~umask, not mkstemp's 0o600
+    report = json.loads(results.read_text())
+    commit = subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert report["git_commit"] == commit and isinstance(report["git_dirty"], bool)
+    assert report["torch_version"] == torch.__version__ and report["project_version"] == "0.1.0"
+    assert (report["device"], report["dtype"]) == ("cpu", "float32")
+    start, end = (datetime.datetime.fromisoformat(report[k]) for k in ("start_time", "end_time"))
+    assert start <= end and start.tzinfo is not None
+    assert (
+        report["command_line"].startswith("python -m glm.evaluate ")
+        and "--micro-batch-size 3" in report["command_line"]
+    )
+    assert report["tasks"][0]["config"]["micro_batch_size"] == 3  # the override, not the YAML's 1
+    assert run([*argv[:-2], "--micro-batch-size", "0"]) == 2
+    assert "--micro-batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_progress_lines_for_logs(tiny_checkpoint, data, capsys) -> None:
+    argv = [data / "tasks/mul.yaml", "--checkpoint", tiny_checkpoint, "--data-path", data / "data"]
+    assert run([*argv, "--output-dir", data / "out"]) == 0
+    err = capsys.readouterr().err  # not a TTY: plain lines
+    assert "M p1/test.jsonl: 3 samples\n" in err and "M p2/test.jsonl: 2 samples\n" in err
+    assert "M p1/test.jsonl: 1/3 samples (33 %), " in err and "M p1/test.jsonl: done, 3 samples in " in err
+
+
+def test_progress_every_ten_percent() -> None:
+    import io
+
+    from glm.evaluation.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress("t f", 40, stream)
+    for _ in range(10):
+        progress.update(4)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "t f: 40 samples" and lines[-1].startswith("t f: done, 40 samples in ")
+    assert [line.split(" (")[1].split(" %")[0] for line in lines[1:-1]] == [
+        str(p) for p in range(10, 100, 10)
+    ]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_finished_tasks_survive_an_interruption(tiny_checkpoint, data, capsys, monkeypatch, failure) -> None:
+    """Ctrl-C (exit 130) or a crash in the second task: the first task's results are on disk, marked
+    incomplete."""
+    real = MultiChoiceTask.evaluate
+
+    def evaluate(self):
+        if self.config.name == "M":
+            raise failure("stop")
+        return real(self)
+
+    monkeypatch.setattr(MultiChoiceTask, "evaluate", evaluate)
+    out_dir = data / "out"
+    argv = [data / "tasks/lm.yml", data / "tasks/mul.yaml", "--checkpoint", tiny_checkpoint]
+    argv += ["--data-path", data / "data", "--output-dir", out_dir, "--save-predictions"]
+    if failure is KeyboardInterrupt:
+        assert run(argv) == 130
+        assert "interrupted: 1 of 2 tasks finished; their results are in " in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError):
+            cli([str(a) for a in argv])
+    (results,) = out_dir.glob("evaluate-*.json")
+    report = json.loads(results.read_text())
+    assert report["complete"] is False
+    assert report["status"] == ("interrupted" if failure is KeyboardInterrupt else "failed")
+    assert [t["name"] for t in report["tasks"]] == ["L"] and report["tasks_planned"] == ["L", "M"]
+    assert report["tasks"][0]["groups"]["all"]["files"]["test.txt"]["metrics"]["PPL"] > 1
+    predictions = results.with_suffix(".predictions.jsonl").read_text().splitlines()
+    assert predictions and all(json.loads(line)["task"] == "L" for line in predictions)
+    assert not list(out_dir.glob(".*"))  # no temp files left
+
+
+def test_results_are_written_after_every_task(tiny_checkpoint, data, monkeypatch) -> None:
+    seen: list[dict] = []
+    real = evaluate_module.write_atomic
+
+    def spy(path, text):
+        real(path, text)
+        if path.suffix == ".json":
+            seen.append(json.loads(text))
+
+    monkeypatch.setattr(evaluate_module, "write_atomic", spy)
+    argv = [data / "tasks/lm.yml", data / "tasks/mul.yaml", "--checkpoint", tiny_checkpoint]
+    assert run([*argv, "--data-path", data / "data", "--output-dir", data / "out"]) == 0
+    assert [(len(r["tasks"]), r["complete"]) for r in seen] == [(0, False), (1, False), (2, False), (2, True)]
+
+
+BAD_ITEM = {"inputs_pretokenized": "a", "choices_pretokenized": ["b", "c"], "label": 0}
+
+
 @pytest.mark.parametrize(
-    ("yaml", "message"),
+    ("yaml", "data_line", "message"),
     [
-        ("name: M\ntype: mul\npath: mul\nfile_pattern: [oops\n", "malformed YAML"),
-        ("name: M\ntype: mul\npath: mul\nmicro_batch: 2\n", "unknown key 'micro_batch'"),
-        ("name: M\ntype: mul\npath: empty\n", "matched no file"),
-        ("name: M\ntype: mul\npath: mul\nfile_pattern: '**/*.csv'\n", "matched no file"),
-        ("name: M\ntype: mul\npath: missing\n", "does not exist"),
-        (None, "does not exist"),
+        ("name: X\ntype: mul\npath: mul\nfile_pattern: [oops\n", None, "malformed YAML"),
+        ("name: X\ntype: mul\npath: mul\nmicro_batch: 2\n", None, "unknown key 'micro_batch'"),
+        ("name: X\ntype: mul\npath: empty\n", None, "matched no file"),
+        ("name: X\ntype: mul\npath: mul\nfile_pattern: '**/*.csv'\n", None, "matched no file"),
+        ("name: X\ntype: mul\npath: missing\n", None, "does not exist"),
+        (None, None, "does not exist"),
+        ("name: M\ntype: mul\npath: mul\n", None, "task name 'M' is already used by "),
+        (
+            "name: B\ntype: mul\npath: bad\n",
+            json.dumps(BAD_ITEM | {"choices_pretokenized": []}),
+            "item 2: no choices",
+        ),
+        (
+            "name: B\ntype: mul\npath: bad\n",
+            json.dumps(BAD_ITEM | {"label": 2}),
+            "label 2 is out of range for 2",
+        ),
+        (
+            "name: B\ntype: mul\npath: bad\n",
+            '{"inputs_pretokenized": "a",',
+            "test.jsonl:2:29: malformed JSON line",
+        ),
+        (
+            "name: B\ntype: gen\npath: bad\n",
+            '{"inputs": "a"}',
+            "item 2: 'inputs' must be a list of token ids",
+        ),
     ],
 )
-def test_errors_are_one_line_and_exit_2(tiny_checkpoint, data, capsys, yaml, message) -> None:
+def test_errors_come_before_the_model_loads(data, capsys, yaml, data_line, message) -> None:
+    """One line, exit 2, nothing written; data errors too are found before the model is loaded (the
+    checkpoint given does not exist, so loading it would be a different error)."""
     (data / "data/empty").mkdir()
+    if data_line is not None:
+        write(data / "data/bad/test.jsonl", json.dumps(BAD_ITEM) + "\n" + data_line + "\n")
     task = data / "bad.yaml"
     if yaml is not None:
         write(task, yaml)
     out_dir = data / "out"
-    args = ["--checkpoint", tiny_checkpoint, "--data-path", data / "data", "--output-dir", out_dir]
+    args = [
+        "--checkpoint",
+        data / "no-such-checkpoint",
+        "--data-path",
+        data / "data",
+        "--output-dir",
+        out_dir,
+    ]
     assert run([data / "tasks/mul.yaml", task, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out_dir.exists()
+
+
+def test_output_dir_is_checked_before_the_model_loads(data, capsys) -> None:
+    (data / "file").write_text("x")
+    args = [
+        "--checkpoint",
+        data / "no-such-checkpoint",
+        "--data-path",
+        data / "data",
+        "--output-dir",
+        data / "file",
+    ]
+    assert run([data / "tasks/mul.yaml", *args]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_evaluate_script_help() -> None:
@@ -250,9 +486,36 @@ def test_beam_search_generation_equals_generate(tiny_model, tmp_path) -> None:
 def test_shipped_offline_tasks_run(tiny_checkpoint, tmp_path, capsys) -> None:
     for path in sorted((REPO / "tasks/offline").glob("*.yaml")):
         config = load_task_config(path)
-        assert resolve_file_groups(config, REPO)
+        for files in resolve_file_groups(config, REPO).values():
+            for file in files:
+                task_class(config).check_file(config, file)  # the shipped data pass the checks
     args = ["--checkpoint", tiny_checkpoint, "--output-dir", tmp_path, "--limit", "2"]
     assert run([REPO / "tasks/offline", *args]) == 0
     out = capsys.readouterr().out
     assert "> Successfully load 5 tasks" in out and "Group test Accuracy: max = " in out
     assert "        Finish test.txt, PPL = " in out and len(list(tmp_path.glob("evaluate-*.json"))) == 1
+
+
+def test_written_mask_module_fills_the_blank_in_place(tiny_model, tmp_path) -> None:
+    """tasks/offline/blank.py: the idiom cloze's written [MASK] is the blank (the default task reads it as
+    text and appends its own mask)."""
+    model, tokenizer = tiny_model
+    item = {
+        "inputs_pretokenized": "这固然得费一番[MASK]的工夫。",
+        "choices_pretokenized": ["爬罗剔抉", "立足之地"],
+        "label": 0,
+    }
+    write(tmp_path / "mul/test.jsonl", jsonl([item]))
+    config = config_from_dict(
+        dict(name="z", type="mul", path="mul", module="tasks.offline.blank.WrittenMaskMultiChoice")
+    )
+    task = task_class(config)(model, tokenizer, config, tmp_path)
+    (sample,) = task.build_dataset(tmp_path / "mul/test.jsonl").samples
+    context = tokenizer.tokenize_with_masks(item["inputs_pretokenized"])
+    mask = tokenizer.get_command("[MASK]")
+    assert sample.context == context and context.count(mask) == 1 and context[-1] != mask
+    choices = [encode_choice(tokenizer, c) for c in item["choices_pretokenized"]]
+    want = per_choice_scores(
+        model, context, choices, tokenizer.sop_id, choice_positions(len(context), context.index(mask))
+    )
+    assert task.score([sample])[0] == pytest.approx(want, abs=1e-3)

@@ -9,10 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
+from scoring_oracle import window_nll_by_hand
 
 from glm.evaluation.config import load_task_config
 from glm.evaluation.tasks import LanguageModelTask, task_class
-from glm.scoring import lm_logprobs
 
 CONFIG = Path(__file__).resolve().parent.parent / "tasks" / "language-modeling" / "pile.yaml"
 MAX_SEQ, GEN = 24, 8
@@ -42,14 +42,14 @@ def _windows(tokenizer, text: str) -> int:
 
 
 def _document_nll(model, tokenizer, text: str) -> float:
-    """Σ NLL of the original's windows over one document, each scored alone with `lm_logprobs`."""
+    """Σ NLL of the original's windows over one document, each in its literal layout (scoring_oracle)."""
     ids = tokenizer.tokenize(text)
     total = 0.0
     for i in range(_windows(tokenizer, text)):
         chunk = ids[i * GEN : i * GEN + MAX_SEQ - 1]
         prefix = 0 if i == 0 else MAX_SEQ - 1 - GEN
         gmask = tokenizer.get_command("[gMASK]")
-        total -= float(lm_logprobs(model, chunk, prefix, gmask_id=gmask, sop_id=tokenizer.sop_id).sum())
+        total += window_nll_by_hand(model, chunk[:prefix], chunk[prefix:], gmask, tokenizer.sop_id)
     return total
 
 

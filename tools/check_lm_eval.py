@@ -2,9 +2,10 @@
 
 Runs the project's evaluator (`MultiChoiceTask`) on `tasks/offline/zh_idiom_cloze.yaml`, then lm-eval's
 `simple_evaluate` with `glm.lm_eval_adapter.GLMLM` on a task defined from the same jsonl (loaded offline by
-`datasets`' json builder): context = `inputs_pretokenized` (holding `[MASK]`), one continuation per choice
-with no target delimiter, so both score every choice as the filling of the blank. Exits 1 if they differ.
-Needs `pip install lm_eval` (the `lm-eval` extra).
+`datasets`' json builder): context = `inputs_pretokenized` (holding a written `[MASK]`, the blank for both:
+the task's module and the adapter read it as the mask token), one continuation per choice with no target
+delimiter, so both score every choice as the filling of the blank, in the same packed row. Exits 1 if they
+differ. Needs `pip install lm_eval` (the `lm-eval` extra).
 
     python tools/check_lm_eval.py [--checkpoint models/glm-bilingual] [--limit 200]
 """
@@ -18,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,8 @@ def theirs(model, tokenizer, limit: int) -> tuple[float, float, list[int]]:
     results = simple_evaluate(model=lm, tasks=[task], limit=limit, bootstrap_iters=0, log_samples=True)
     seconds = time.perf_counter() - start
     samples = sorted(results["samples"]["glm_zh_idiom_cloze"], key=lambda s: s["doc_id"])
-    predictions = [int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples]
+    scores = [[ll for ll, _ in s["filtered_resps"]] for s in samples]
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     return results["results"]["glm_zh_idiom_cloze"]["acc,none"], len(samples) / seconds, predictions
 
 

@@ -48,7 +48,7 @@ class BaseConfig:
     module: str | None = None  # dotted path of a custom task class, e.g. "tasks.lambada.task.LAMBADA"
     metrics: list[str] = field(default_factory=list)  # keys of METRICS
     use_task_mask: bool = False  # [gMASK] instead of [MASK]
-    use_multitask_encoding: bool = False  # multiple choice position ids only ("not supported now" upstream)
+    use_multitask_encoding: bool = False  # multiple choice: [MASK] blocks count positions up from the mask
     unidirectional: bool = False  # causal attention over the context
     max_seq_length: int = 2048  # truncation limit (left truncation)
     file_pattern: str | dict[str, str] = "**/*.json*"  # glob under `path`; a dict defines named groups

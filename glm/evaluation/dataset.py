@@ -1,21 +1,18 @@
 """Evaluation samples as the original GLM-130B evaluator builds them (`evaluation/dataset.py`, §4.4-4.5).
 
-* Data: jsonl items whose `inputs`/`choices`/`targets`/`text` are token ids, or `*_pretokenized` text
-  tokenized here (a `[MASK]`-style token written in the text becomes its special id); an `lm` file is raw
-  text, one document.
-* Samples: always left truncation. Multiple choice: a bidirectional context holding `[MASK]`, or the task
-  mask appended; each choice a causal block after `sop` that sees the context and itself (one shared block
-  when every choice is one token). Generation: `text + [mask, sop]`, or `[mask, sop] + text` when
-  unidirectional. Language modelling: sliding windows advancing by `generation_length`.
-* Scoring: several samples' blocks go through one forward pass (`score_blocks`); the numbers are those of
-  `glm.scoring.block_logprobs` for each block alone, i.e. those of the original's block-diagonal packing.
+* Data: jsonl items whose `inputs`/`choices`/`targets` are token ids, or `*_pretokenized` text tokenized
+  here as plain text (a `[MASK]` written in the text is text, as the original's `tokenizer.tokenize`); an
+  `lm` file is raw text, one document. `check_*_items` validate the items before any model is loaded.
+* Samples: always left truncation. Multiple choice: the original's packed row (`glm.scoring.choice_row`).
+  Generation: `text + [mask, sop]`, or `[mask, sop] + text` when unidirectional. Language modelling:
+  sliding windows advancing by `generation_length`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glm.decoding import PAD_TOKEN, build_inputs, generate
+from glm.decoding import generate
 from glm.evaluation.metrics import count_original_tokens
 from glm.model import GLM
+from glm.scoring import PackedRow, choice_row
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
+
+Encode = Callable[[str], list[int]]
 
 # ------------------------------------------------------------------------------------------ reading data
 
@@ -36,18 +36,35 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     """One JSON object per non-empty line (the original also read `*.json` files line by line)."""
     items = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON object: {error.msg}") from None
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}:{number}:{error.pos + 1}: malformed JSON line ({error.msg}); "
+                "each line must be one JSON object"
+            ) from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+        items.append(item)
     return items
 
 
-def encode_text(tokenizer: GLMTokenizer, text: str) -> list[int]:
-    """Ids of `text`; `[MASK]`, `[sMASK]` and `[gMASK]` written in it become their special ids."""
-    return tokenizer.tokenize_with_masks(text)
+def read_text(path: Path | str) -> str:
+    """A language-model file: UTF-8 text with something to score."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not raw.strip():
+        raise ValueError(f"{path}: no text to score")
+    return raw
 
 
 def encode_choice(tokenizer: GLMTokenizer, text: str) -> list[int]:
@@ -56,21 +73,86 @@ def encode_choice(tokenizer: GLMTokenizer, text: str) -> list[int]:
     return tokenizer.tokenize_segment(text, after_mask=True, before_mask=False)
 
 
-def tokenized_input(item: dict[str, Any], key: str, tokenizer: GLMTokenizer) -> Any:
-    """`item[key]` as ids if present, else `item[key + "_pretokenized"]` tokenized (a list element-wise)."""
+def tokenized_input(
+    item: dict[str, Any], key: str, tokenizer: GLMTokenizer, encode: Encode | None = None
+) -> Any:
+    """`item[key]` as ids if present, else `item[key + "_pretokenized"]` tokenized: a string with `encode`
+    (default: plain `tokenizer.tokenize`), a list element-wise as choices (`encode_choice`)."""
     if key in item:
         return item[key]
     raw = item.get(key + "_pretokenized")
     if raw is None:
         raise ValueError(f"item has neither '{key}' nor '{key}_pretokenized'")
     if isinstance(raw, str):
-        return encode_text(tokenizer, raw)
+        return (encode or tokenizer.tokenize)(raw)
     return [encode_choice(tokenizer, text) for text in raw]
 
 
-def _check_ids(value: Any, what: str) -> None:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_ids(value: Any, what: str, vocab_size: int) -> None:
+    if not _is_ids(value):
         raise ValueError(f"{what} must be a list of token ids")
+    if any(not 0 <= t < vocab_size for t in value):
+        raise ValueError(f"{what} holds ids outside the model's vocabulary of {vocab_size}")
+
+
+def _check_text_or_ids(item: dict[str, Any], key: str, where: str) -> None:
+    if key in item:
+        if not _is_ids(item[key]):
+            raise ValueError(f"{where}: '{key}' must be a list of token ids")
+    elif not isinstance(item.get(f"{key}_pretokenized"), str):
+        raise ValueError(f"{where}: needs '{key}' (token ids) or '{key}_pretokenized' (a string)")
+
+
+def _spans(item: dict[str, Any], key: str, where: str) -> list[Any]:
+    """The item's choices or targets: ids lists under `key`, or strings under `key_pretokenized`."""
+    if key in item:
+        spans, ok = item[key], _is_ids
+    else:
+        spans, ok = item.get(f"{key}_pretokenized"), lambda s: isinstance(s, str)
+        key = f"{key}_pretokenized"
+    if not isinstance(spans, list):
+        raise ValueError(f"{where}: '{key}' must be a list")
+    if not all(ok(s) for s in spans):
+        raise ValueError(
+            f"{where}: every entry of '{key}' must be {'a string' if 'pre' in key else 'token ids'}"
+        )
+    return spans
+
+
+def check_multiple_choice_items(items: list[dict[str, Any]], path: Path | str) -> None:
+    """Inputs, at least one non-empty choice and a label that indexes a choice, for every item."""
+    if not items:
+        raise ValueError(f"{path}: no items")
+    for number, item in enumerate(items, start=1):
+        where = f"{path}: item {number}"
+        _check_text_or_ids(item, "inputs", where)
+        choices = _spans(item, "choices", where)
+        if not choices:
+            raise ValueError(f"{where}: no choices; a multiple-choice item needs at least one")
+        if any(len(c) == 0 for c in choices):
+            raise ValueError(f"{where}: choice {[len(c) for c in choices].index(0)} is empty")
+        label = item.get("label")
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise ValueError(f"{where}: 'label' must be the index of the right choice, got {label!r}")
+        if not 0 <= label < len(choices):
+            raise ValueError(f"{where}: label {label} is out of range for {len(choices)} choices (0-based)")
+
+
+def check_generation_items(items: list[dict[str, Any]], path: Path | str) -> None:
+    """Inputs for every item; targets, where given, a string or a list of strings (or of ids lists)."""
+    if not items:
+        raise ValueError(f"{path}: no items")
+    for number, item in enumerate(items, start=1):
+        where = f"{path}: item {number}"
+        _check_text_or_ids(item, "inputs", where)
+        if isinstance(item.get("targets_pretokenized"), str) and "targets" not in item:
+            continue
+        if "targets" in item or "targets_pretokenized" in item:
+            _spans(item, "targets", where)
 
 
 # ------------------------------------------------------------------------------------- multiple choice
@@ -78,24 +160,18 @@ def _check_ids(value: Any, what: str) -> None:
 
 @dataclass
 class MultiChoiceSample:
-    """The original's multiple-choice sample: the context (`tokens[:division]`) and choice blocks."""
+    """The original's multiple-choice sample: one packed row (context once, then a block per choice)."""
 
-    tokens: list[int]
-    position_ids: list[int]
+    row: PackedRow
     choices: list[list[int]]
-    choice_target_ids: list[list[int]]  # positions in `tokens` whose next-token logits score each choice
-    division: int  # context length, the mask included
-    mask_position: int | None  # index of [MASK]; None in [gMASK] mode (positions continue after context)
     label: int
-    is_single_token: bool  # one shared `sop` row scored against every (one-token) choice
+    mask_position: int | None  # index of [MASK]; None in [gMASK] mode (positions continue after context)
+    is_single_token: bool  # one shared `sop` block scored against every (one-token) choice
+    scores: list[float] | None = None  # every choice's summed log-prob, once scored
 
-    def attention_mask(self) -> Tensor:
-        """[L, L] bool, True = visible (the original's 1): the context is seen by all, each choice block
-        is causal and sees no other block. Built on demand (the scorer never needs it)."""
-        blocks = [torch.ones(len(t), len(t), dtype=torch.bool).tril() for t in self.choice_target_ids]
-        mask = torch.block_diag(torch.ones(self.division, self.division, dtype=torch.bool), *blocks)
-        mask[:, : self.division] = True
-        return mask
+    @property
+    def context(self) -> list[int]:
+        return self.row.tokens[: self.row.division]
 
 
 def truncate_choice_context(text: list[int], choices: list[list[int]], max_seq_length: int) -> list[int]:
@@ -118,38 +194,29 @@ def build_multiple_choice_sample(
     mask_id: int,
     sop_id: int,
     use_task_mask: bool,
+    multitask_encoding: bool = False,
 ) -> MultiChoiceSample:
-    """The original's `build_multiple_choice_sample` (without `use_multitask_encoding`).
+    """The original's `build_multiple_choice_sample`.
 
-    `mask_id` is [gMASK] when `use_task_mask`, else [MASK]; it is appended unless `text` holds it. Each
-    choice adds `sop + choice[:-1]` (positions: the mask's, or continuing after the context for [gMASK]);
-    single-token mode adds one `sop` scored against every choice.
+    `mask_id` is [gMASK] when `use_task_mask`, else [MASK]; it is appended unless `text` holds it (blank
+    filling). `multitask_encoding` (the config's `use_multitask_encoding`) gives [MASK] blocks positions
+    counting up from the mask instead of all the mask's, except when blank filling, as the original.
     """
-    tokens, positions = list(text), list(range(len(text)))
-    if mask_id in text:
-        mask_position = text.index(mask_id)
-    else:
-        mask_position = len(tokens)
-        tokens.append(mask_id)
-        positions.append(mask_position)
-    division = len(tokens)
-    target_ids = []
-    for choice in choices:
-        length = 1 if is_single_token else len(choice)
-        positions += list(range(division, division + length)) if use_task_mask else [mask_position] * length
-        target_ids.append(list(range(len(tokens), len(tokens) + length)))
-        tokens += [sop_id, *choice[: length - 1]]
-        if is_single_token:
-            break
-    return MultiChoiceSample(
-        tokens,
-        positions,
-        [list(c) for c in choices],
-        target_ids,
-        division,
+    context = list(text)
+    blank_filling = mask_id in context
+    if not blank_filling:
+        context.append(mask_id)
+    mask_position = context.index(mask_id)
+    row = choice_row(
+        context,
+        choices,
         None if use_task_mask else mask_position,
-        label,
-        is_single_token,
+        sop_id=sop_id,
+        single_token=is_single_token,
+        multitask_encoding=multitask_encoding and not blank_filling,
+    )
+    return MultiChoiceSample(
+        row, [list(c) for c in choices], label, None if use_task_mask else mask_position, is_single_token
     )
 
 
@@ -158,26 +225,31 @@ def multiple_choice_samples(
     tokenizer: GLMTokenizer,
     max_seq_length: int,
     use_task_mask: bool,
+    multitask_encoding: bool = False,
+    encode: Encode | None = None,
+    vocab_size: int | None = None,
 ) -> list[MultiChoiceSample]:
-    """Samples of one file; single-token mode when every choice of every item is one token."""
+    """Samples of one file (items checked by `check_multiple_choice_items`); single-token mode when every
+    choice of every item is one token, as the original."""
     mask_id = tokenizer.get_command("[gMASK]" if use_task_mask else "[MASK]")
+    vocab = vocab_size or tokenizer.vocab_size
     parsed = []
     for number, item in enumerate(items, start=1):
-        text, choices = (
-            tokenized_input(item, "inputs", tokenizer),
-            tokenized_input(item, "choices", tokenizer),
-        )
-        _check_ids(text, f"item {number}: inputs")
+        text = tokenized_input(item, "inputs", tokenizer, encode)
+        choices = tokenized_input(item, "choices", tokenizer)
+        _check_ids(text, f"item {number}: inputs", vocab)
         for choice in choices:
-            _check_ids(choice, f"item {number}: a choice")
+            _check_ids(choice, f"item {number}: a choice", vocab)
             if not choice:
                 raise ValueError(f"item {number}: a choice has no tokens")
-        if not isinstance(item.get("label"), int):
-            raise ValueError(f"item {number}: 'label' must be a choice index")
+        if not choices:
+            raise ValueError(f"item {number}: no choices")
         parsed.append((truncate_choice_context(text, choices, max_seq_length), choices, item["label"]))
     single = all(len(c) == 1 for _, choices, _ in parsed for c in choices)
     return [
-        build_multiple_choice_sample(text, choices, label, single, mask_id, tokenizer.sop_id, use_task_mask)
+        build_multiple_choice_sample(
+            text, choices, label, single, mask_id, tokenizer.sop_id, use_task_mask, multitask_encoding
+        )
         for text, choices, label in parsed
     ]
 
@@ -239,6 +311,15 @@ def build_generation_sample(
     )
 
 
+def generation_targets(item: dict[str, Any], tokenizer: GLMTokenizer) -> list[list[int]]:
+    """The item's targets as ids lists (a single string target counts as one)."""
+    if "targets" not in item and isinstance(item.get("targets_pretokenized"), str):
+        return [encode_choice(tokenizer, item["targets_pretokenized"])]
+    if "targets" in item or "targets_pretokenized" in item:
+        return tokenized_input(item, "targets", tokenizer)
+    return []
+
+
 def generation_samples(
     items: list[dict[str, Any]],
     tokenizer: GLMTokenizer,
@@ -246,6 +327,7 @@ def generation_samples(
     max_gen_length: int,
     use_task_mask: bool,
     unidirectional: bool,
+    vocab_size: int | None = None,
 ) -> list[GenerationSample]:
     """Samples of one file, each context left-truncated to `max_seq_length - max_gen_length - 2`."""
     mask_id = tokenizer.get_command("[gMASK]" if use_task_mask else "[MASK]")
@@ -255,16 +337,42 @@ def generation_samples(
     samples = []
     for number, item in enumerate(items, start=1):
         text = tokenized_input(item, "inputs", tokenizer)
-        _check_ids(text, f"item {number}: inputs")
-        has_targets = "targets" in item or "targets_pretokenized" in item
-        targets = tokenized_input(item, "targets", tokenizer) if has_targets else []
+        _check_ids(text, f"item {number}: inputs", vocab_size or tokenizer.vocab_size)
         text = text[len(text) - budget :] if len(text) > budget else text
         samples.append(
             build_generation_sample(
-                text, max_gen_length, mask_id, tokenizer.sop_id, use_task_mask, unidirectional, targets
+                text,
+                max_gen_length,
+                mask_id,
+                tokenizer.sop_id,
+                use_task_mask,
+                unidirectional,
+                generation_targets(item, tokenizer),
             )
         )
     return samples
+
+
+def generate_samples(
+    model: GLM,
+    samples: Sequence[GenerationSample],
+    strategy: BaseStrategy | BeamSearchStrategy,
+    max_gen_length: int,
+    end_ids: Sequence[int],
+) -> list[list[list[int]]]:
+    """Generated ids per sample, all beams best first, without the context and a trailing end token
+    (the original's `generate_text`); the samples are decoded as one batch."""
+    contexts = [s.tokens for s in samples]
+    unidirectional = any(s.unidirectional for s in samples)  # one setting per task
+    mask_positions = [None if unidirectional else s.mask_position for s in samples]
+    outputs = generate(
+        model, contexts, strategy, max_gen_length, mask_positions, unidirectional=unidirectional
+    )
+    results = []
+    for context, beams in zip(contexts, outputs, strict=True):
+        cut = [beam[len(context) :] for beam in beams]
+        results.append([b[:-1] if b and b[-1] in end_ids else b for b in cut])
+    return results
 
 
 # ---------------------------------------------------------------------------------- language modelling
@@ -290,7 +398,10 @@ def language_model_windows(
     `max_seq_length - 1 - generation_length` tokens are a prompt, so each token is scored once (every
     window is scored whole when unidirectional, as the original)."""
     if not unidirectional and max_seq_length - 1 - generation_length < 0:
-        raise ValueError(f"generation_length {generation_length} exceeds max_seq_length - 1")
+        raise ValueError(
+            f"generation_length {generation_length} exceeds max_seq_length - 1 = {max_seq_length - 1}: "
+            "tokens between windows would never be scored"
+        )
     windows = []
     for i in range(num_windows(len(tokens), max_seq_length, generation_length)):
         chunk = tokens[i * generation_length : i * generation_length + max_seq_length - 1]
@@ -303,128 +414,13 @@ def language_model_windows(
 
 
 def language_model_document(path: Path | str, tokenizer: GLMTokenizer) -> tuple[list[int], dict[str, Any]]:
-    """The file's ids and its one data item (with the word count PPL divides by)."""
-    raw = Path(path).read_text(encoding="utf-8")
-    if not raw.strip():
-        raise ValueError(f"{path}: no text to score")
-    return tokenizer.tokenize(raw), {"num_original_tokens": count_original_tokens(raw)}
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-
-
-def _block_logits(
-    model: GLM,
-    contexts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    mask_positions: Sequence[int | None],
-    sop_id: int,
-) -> Tensor:
-    """Logits [rows, longest, V] predicting each continuation token (row i: context i + sop + block i).
-
-    Contexts may differ in length: they are right-padded as in `glm.decoding.build_inputs`, so every row
-    gets the logits it would get alone.
-    """
-    contexts = [[*c, sop_id] for c in contexts]
-    longest = max(len(c) for c in continuations)
-    limit = model.config.max_sequence_length
-    if any(len(c) + len(t) - 1 > limit for c, t in zip(contexts, continuations, strict=True)):
-        raise ValueError(f"a sample exceeds the model's maximum sequence length {limit}")
-    device = model.device
-    inputs = build_inputs(contexts, longest - 1, mask_positions, device)
-    padded = inputs.tokens.shape[1]
-    block = torch.full((len(contexts), longest), PAD_TOKEN, dtype=torch.long)
-    for i, continuation in enumerate(continuations):
-        block[i, : len(continuation)] = torch.tensor(continuation)
-    tokens = torch.cat([inputs.tokens, block[:, :-1].to(device)], dim=1)
-    logits_at = torch.empty(len(contexts), longest, dtype=torch.long)
-    logits_at[:, 0] = inputs.context_lengths.cpu() - 1  # each row's sop
-    logits_at[:, 1:] = torch.arange(padded, padded + longest - 1)
-    return model(tokens, inputs.position_ids, inputs.attention_mask, logits_at=logits_at.to(device))
-
-
-@torch.no_grad()
-def score_blocks(
-    model: GLM,
-    contexts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    mask_positions: Sequence[int | None],
-    sop_id: int,
-) -> list[Tensor]:
-    """Per-token log-probs (fp32) of each continuation after its own context, in one forward pass.
-
-    Row i equals `glm.scoring.block_logprobs(model, contexts[i], [continuations[i]], mask_positions[i])`.
-    """
-    if not continuations or any(len(c) == 0 for c in continuations):
-        raise ValueError("need at least one continuation, and none may be empty")
-    logits = _block_logits(model, contexts, continuations, mask_positions, sop_id)
-    targets = torch.zeros(logits.shape[:2], dtype=torch.long)
-    for i, continuation in enumerate(continuations):
-        targets[i, : len(continuation)] = torch.tensor(continuation)
-    logprobs = logits.float().log_softmax(-1).gather(-1, targets.to(logits.device)[..., None]).squeeze(-1)
-    return [logprobs[i, : len(c)].cpu() for i, c in enumerate(continuations)]
-
-
-@torch.no_grad()
-def multiple_choice_logprobs(
-    model: GLM, samples: Sequence[MultiChoiceSample], sop_id: int
-) -> list[list[float]]:
-    """The summed log-prob of every choice of every sample (the original's `cond_log_prob`), one forward.
-
-    A single-token sample has one row, whose first distribution scores all its choices.
-    """
-    contexts, blocks, positions, owners = [], [], [], []
-    for index, sample in enumerate(samples):
-        for choice in sample.choices[:1] if sample.is_single_token else sample.choices:
-            contexts.append(sample.tokens[: sample.division])
-            blocks.append(choice)
-            positions.append(sample.mask_position)
-            owners.append(index)
-    logprobs = _block_logits(model, contexts, blocks, positions, sop_id).float().log_softmax(-1)
-    scores: list[list[float]] = [[] for _ in samples]
-    for row, (owner, block) in enumerate(zip(owners, blocks, strict=True)):
-        sample = samples[owner]
-        if sample.is_single_token:
-            scores[owner] = [float(logprobs[row, 0, c[0]]) for c in sample.choices]
-        else:
-            scores[owner].append(float(logprobs[row, torch.arange(len(block)), torch.tensor(block)].sum()))
-    return scores
-
-
-@torch.no_grad()
-def window_losses(
-    model: GLM, windows: Sequence[LanguageModelWindow], mask_id: int, sop_id: int
-) -> list[float]:
-    """The summed NLL (nats) of each window's `text` (the original's `calculate_loss`), one forward.
-
-    Linear positions, a bidirectional `prompt + [mask]`, then `sop + text[:-1]` causal, as the original.
-    """
-    contexts = [[*w.prompt, mask_id] for w in windows]
-    texts = [w.text for w in windows]
-    logprobs = score_blocks(model, contexts, texts, [None] * len(windows), sop_id)
-    return [-float(t.sum()) for t in logprobs]
-
-
-# ------------------------------------------------------------------------------------------- decoding
-
-
-def generate_samples(
-    model: GLM,
-    samples: Sequence[GenerationSample],
-    strategy: BaseStrategy | BeamSearchStrategy,
-    max_gen_length: int,
-    end_ids: Sequence[int],
-) -> list[list[list[int]]]:
-    """Generated ids per sample, all beams best first, without the context and a trailing end token
-    (the original's `generate_text`); the samples are decoded as one batch."""
-    contexts = [s.tokens for s in samples]
-    unidirectional = any(s.unidirectional for s in samples)  # one setting per task
-    mask_positions = [None if unidirectional else s.mask_position for s in samples]
-    outputs = generate(
-        model, contexts, strategy, max_gen_length, mask_positions, unidirectional=unidirectional
-    )
-    results = []
-    for context, beams in zip(contexts, outputs, strict=True):
-        cut = [beam[len(context) :] for beam in beams]
-        results.append([b[:-1] if b and b[-1] in end_ids else b for b in cut])
-    return results
+    """The file's ids and its one data item: the counts the LM metrics divide by (words as the
+    original counts them, tokens, UTF-8 bytes)."""
+    raw = read_text(path)
+    ids = tokenizer.tokenize(raw)
+    item = {
+        "num_original_tokens": count_original_tokens(raw),
+        "num_tokens": len(ids),
+        "utf8_length": len(raw.encode()),
+    }
+    return ids, item

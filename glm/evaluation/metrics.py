@@ -212,6 +212,21 @@ def perplexity(losses: Sequence[float], data: Examples) -> float:
     return math.exp(min(20.0, math.fsum(losses) / data[0]["num_original_tokens"]))
 
 
+def token_perplexity(losses: Sequence[float], data: Examples) -> float:
+    """Perplexity per scored token: exp(Σ window NLL / data[0]["num_tokens"]) (not in the original)."""
+    return math.exp(math.fsum(losses) / data[0]["num_tokens"])
+
+
+def text_bits_per_byte(losses: Sequence[float], data: Examples) -> float:
+    """Bits per UTF-8 byte of the document: Σ window NLL / data[0]["utf8_length"] / ln 2 (not in the
+    original, which had this only per Pile category: `BPB`)."""
+    return math.fsum(losses) / data[0]["utf8_length"] / math.log(2)
+
+
+# What every language-model task reports beside its configured metrics.
+LM_COUNTS = ("PPL_token", "BPB_text")
+
+
 def bits_per_byte(losses: Sequence[float], data: Examples) -> dict[str, float]:
     """Per Pile category: Σ window NLL (nats) / Σ UTF-8 bytes / ln 2.
 
@@ -236,6 +251,8 @@ for _name, _fn, _higher in [
     ("F1", qa_f1, True),
     ("PPL", perplexity, False),
     ("BPB", bits_per_byte, False),
+    ("PPL_token", token_perplexity, False),
+    ("BPB_text", text_bits_per_byte, False),
     ("Precision", precision, True),
     ("Recall", recall, True),
     ("F1_mul", f1_multiple_choice, True),

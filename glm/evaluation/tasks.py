@@ -18,8 +18,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from glm.evaluation.config import (
     BaseConfig,
     ConfigError,
@@ -33,16 +31,18 @@ from glm.evaluation.dataset import (
     GenerationSample,
     LanguageModelWindow,
     MultiChoiceSample,
+    check_generation_items,
+    check_multiple_choice_items,
     generate_samples,
     generation_samples,
     language_model_document,
     language_model_windows,
-    multiple_choice_logprobs,
     multiple_choice_samples,
     read_jsonl,
-    window_losses,
+    read_text,
 )
-from glm.evaluation.metrics import Metric, get_metrics
+from glm.evaluation.metrics import LM_COUNTS, Metric, get_metrics
+from glm.evaluation.progress import Progress
 from glm.evaluation.report import (
     GROUP_START,
     TASK_DONE,
@@ -54,6 +54,7 @@ from glm.evaluation.report import (
     group_stats,
 )
 from glm.model import GLM
+from glm.scoring import choice_scores, window_losses, window_row
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
 
@@ -95,6 +96,11 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+def warn(message: str) -> None:
+    """A one-line warning on stderr (`warning: ...`)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class BaseTask(ABC):
     """Evaluate every file of every group of one task config (the original's `BaseTask`)."""
 
@@ -115,6 +121,12 @@ class BaseTask(ABC):
         self.save_predictions = save_predictions
         self.file_groups = resolve_file_groups(config, self.data_root)
         config.metrics = list(self.metrics)  # as the original: what is printed is what `metrics` gives
+        model_max = model.config.max_sequence_length
+        if config.max_seq_length > model_max:  # the original lowered it silently
+            warn(
+                f"task '{config.name}': max_seq_length {config.max_seq_length} is above the model's maximum "
+                f"sequence length {model_max}; using {model_max}"
+            )
 
     @property
     def metrics(self) -> dict[str, Metric]:
@@ -129,13 +141,19 @@ class BaseTask(ABC):
     def folder(self) -> Path:
         return self.data_root / self.config.path
 
+    @classmethod
+    def check_file(cls, config: BaseConfig, path: Path) -> None:
+        """Raise ValueError naming the file (and item) if its data cannot be evaluated; runs before the
+        model is loaded. The default reads the jsonl; task types check their items."""
+        read_jsonl(path)
+
     @abstractmethod
     def build_dataset(self, path: Path) -> EvalDataset: ...
 
     @abstractmethod
     def predict_single_batch(self, batch: list[Any]) -> list[Any]: ...
 
-    def prediction_record(self, prediction: Any, item: dict[str, Any]) -> dict[str, Any]:
+    def prediction_record(self, prediction: Any, item: dict[str, Any], sample: Any) -> dict[str, Any]:
         """What `--save-predictions` writes for one sample."""
         return {"prediction": prediction}
 
@@ -144,9 +162,11 @@ class BaseTask(ABC):
         size = self.config.micro_batch_size
         batches = [dataset.samples[i : i + size] for i in range(0, len(dataset.samples), size)]
         predictions: list[Any] = []
-        name = str(path.relative_to(self.folder))
-        for batch in tqdm(batches, desc=name, unit="batch", leave=False, disable=None, file=sys.stderr):
+        progress = Progress(f"{self.config.name} {path.relative_to(self.folder)}", len(dataset.samples))
+        for batch in batches:
             predictions += self.predict_single_batch(batch)
+            progress.update(len(batch))
+        progress.close()
         result = {key: metric(predictions, dataset.data) for key, metric in self.metrics.items()}
         return result, len(dataset.samples), predictions, dataset
 
@@ -167,10 +187,13 @@ class BaseTask(ABC):
                 name = str(path.relative_to(self.folder))
                 results[group][name] = (result, count)
                 if self.save_predictions:
-                    items = dataset.data if len(dataset.data) == len(predictions) else [{}] * len(predictions)
-                    for index, (prediction, item) in enumerate(zip(predictions, items, strict=True)):
+                    per_sample = len(dataset.data) == len(predictions)
+                    for index, (prediction, sample) in enumerate(
+                        zip(predictions, dataset.samples, strict=True)
+                    ):
+                        item = dataset.data[index] if per_sample else {}
                         record = {"task": self.config.name, "group": group, "file": name, "index": index}
-                        records.append(record | self.prediction_record(prediction, item))
+                        records.append(record | self.prediction_record(prediction, item, sample))
                 self.report_single_metrics(name, result)
         print(TASK_RESULTS.format(name=self.config.name))
         for group, group_results in results.items():
@@ -194,33 +217,62 @@ class BaseTask(ABC):
     def _items(self, path: Path) -> list[dict[str, Any]]:
         return read_jsonl(path)[: self.limit]
 
+    def _text(self, value: Any) -> Any:
+        """Ids as text for a prediction record; strings (and lists of them) as they are."""
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return self.tokenizer.detokenize(value)
+        if isinstance(value, list):
+            return [self._text(v) for v in value]
+        return value
+
 
 class MultiChoiceTask(BaseTask):
     """`type: mul`: the prediction is the choice with the largest summed log-prob."""
 
     config_class = MultiChoiceTaskConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.config.use_multitask_encoding:
-            raise ConfigError(f"task '{self.config.name}': use_multitask_encoding is not supported")
+    @classmethod
+    def check_file(cls, config: BaseConfig, path: Path) -> None:
+        check_multiple_choice_items(read_jsonl(path), path)
+
+    def encode_inputs(self, text: str) -> list[int]:
+        """`inputs_pretokenized` as ids: plain text, as the original (a written "[MASK]" is text)."""
+        return self.tokenizer.tokenize(text)
 
     def build_dataset(self, path: Path) -> EvalDataset:
         items = self._items(path)
         try:
             samples = multiple_choice_samples(
-                items, self.tokenizer, self.max_seq_length, self.config.use_task_mask
+                items,
+                self.tokenizer,
+                self.max_seq_length,
+                self.config.use_task_mask,
+                self.config.use_multitask_encoding,
+                encode=self.encode_inputs,
+                vocab_size=self.model.config.vocab_size,
             )
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
         return EvalDataset(samples, items)
 
-    def predict_single_batch(self, batch: list[MultiChoiceSample]) -> list[int]:
-        scores = multiple_choice_logprobs(self.model, batch, self.tokenizer.sop_id)
-        return [max(range(len(s)), key=s.__getitem__) for s in scores]
+    def score(self, batch: list[MultiChoiceSample]) -> list[list[float]]:
+        """Every choice's summed log-prob, one packed row per sample; also kept on the samples."""
+        scores = choice_scores(self.model, [sample.row for sample in batch])
+        for sample, sample_scores in zip(batch, scores, strict=True):
+            sample.scores = sample_scores
+        return scores
 
-    def prediction_record(self, prediction: Any, item: dict[str, Any]) -> dict[str, Any]:
-        return {"prediction": prediction, "label": item.get("label")}
+    def predict_single_batch(self, batch: list[MultiChoiceSample]) -> list[int]:
+        return [max(range(len(s)), key=s.__getitem__) for s in self.score(batch)]
+
+    def prediction_record(self, prediction: Any, item: dict[str, Any], sample: Any) -> dict[str, Any]:
+        return {
+            "input": item.get("inputs_pretokenized", self._text(item.get("inputs"))),
+            "choices": item.get("choices_pretokenized", self._text(item.get("choices"))),
+            "scores": sample.scores,
+            "prediction": prediction,
+            "label": item.get("label"),
+        }
 
 
 class GenerationTask(BaseTask):
@@ -228,6 +280,10 @@ class GenerationTask(BaseTask):
 
     config_class = GenerationTaskConfig
     config: GenerationTaskConfig
+
+    @classmethod
+    def check_file(cls, config: BaseConfig, path: Path) -> None:
+        check_generation_items(read_jsonl(path), path)
 
     def build_strategy(self, batch_size: int) -> BaseStrategy | BeamSearchStrategy:
         """The original's strategies; end tokens are [eop, eos]."""
@@ -255,12 +311,15 @@ class GenerationTask(BaseTask):
                 self.config.max_gen_length,
                 self.config.use_task_mask,
                 self.config.unidirectional,
+                vocab_size=self.model.config.vocab_size,
             )
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
         data = []
         for item, sample in zip(items, samples, strict=True):
             texts = item.get("targets_pretokenized")
+            if isinstance(texts, str):
+                texts = [texts]
             if not isinstance(texts, list):
                 texts = [self.tokenizer.detokenize(t) for t in sample.targets]
             data.append({**item, "targets": texts})
@@ -276,15 +335,44 @@ class GenerationTask(BaseTask):
     def predict_single_batch(self, batch: list[GenerationSample]) -> list[str]:
         return [self.tokenizer.detokenize(beams[0]) for beams in self.generate(batch)]
 
-    def prediction_record(self, prediction: Any, item: dict[str, Any]) -> dict[str, Any]:
-        return {"prediction": prediction, "targets": item.get("targets")}
+    def prediction_record(self, prediction: Any, item: dict[str, Any], sample: Any) -> dict[str, Any]:
+        return {
+            "input": item.get("inputs_pretokenized", self._text(item.get("inputs"))),
+            "targets": item.get("targets"),
+            "prediction": prediction,
+        }
 
 
 class LanguageModelTask(BaseTask):
-    """`type: lm`: one raw-text document per file, scored in sliding windows; word-level PPL."""
+    """`type: lm`: one raw-text document per file, scored in sliding windows.
+
+    Reports the original's word-count perplexity (`PPL`: Σ NLL / space-separated words, so a Chinese text
+    of few spaces gets a huge number), and always also `PPL_token` (per scored token) and `BPB_text` (bits
+    per UTF-8 byte), which compare across texts and tokenizers.
+    """
 
     config_class = LanguageModelTaskConfig
     config: LanguageModelTaskConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts: dict[str, dict[str, float]] = {}  # file -> what each metric divided by
+        limit = self.max_seq_length - 1
+        if self.config.generation_length > limit and not self.config.unidirectional:
+            warn(
+                f"task '{self.config.name}': generation_length {self.config.generation_length} is above "
+                f"max_seq_length - 1 = {limit}; using {limit} (the original skipped the tokens in between)"
+            )
+            self.config.generation_length = limit
+
+    @property
+    def metrics(self) -> dict[str, Metric]:
+        names = list(dict.fromkeys([*self.config.metrics, *LM_COUNTS]))
+        return get_metrics(names)
+
+    @classmethod
+    def check_file(cls, config: BaseConfig, path: Path) -> None:
+        read_text(path)
 
     def build_dataset(self, path: Path) -> EvalDataset:
         ids, item = language_model_document(path, self.tokenizer)
@@ -294,19 +382,36 @@ class LanguageModelTask(BaseTask):
             )
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
+        scored = sum(len(w.text) for w in windows)
         if self.limit is not None and self.limit < len(windows):
-            # --limit: divide by the words of the part scored (pro rata by tokens), not the whole file's.
+            # --limit: divide by the part scored (words and bytes pro rata by tokens), not the whole file's.
             kept = sum(len(w.text) for w in windows[: self.limit])
-            item["num_original_tokens"] *= kept / sum(len(w.text) for w in windows)
-            windows = windows[: self.limit]
+            item["num_original_tokens"] *= kept / scored
+            item["utf8_length"] *= kept / scored
+            windows, scored = windows[: self.limit], kept
+        item["num_tokens"] = scored
+        self.counts[str(path.relative_to(self.folder))] = item
         return EvalDataset(windows, [item])
 
     def predict_single_batch(self, batch: list[LanguageModelWindow]) -> list[float]:
         mask_id = self.tokenizer.get_command("[gMASK]" if self.config.use_task_mask else "[MASK]")
-        return window_losses(self.model, batch, mask_id, self.tokenizer.sop_id)
+        sop = self.tokenizer.sop_id
+        return window_losses(
+            self.model, [window_row(w.prompt, w.text, mask_id=mask_id, sop_id=sop) for w in batch]
+        )
 
-    def prediction_record(self, prediction: Any, item: dict[str, Any]) -> dict[str, Any]:
-        return {"loss": prediction}
+    def report_single_metrics(self, file: str, result: dict[str, Any]) -> None:
+        super().report_single_metrics(file, result)
+        counts = self.counts.get(file)
+        if counts is not None and set(LM_COUNTS) <= set(result):
+            print(
+                f"          (PPL per {counts['num_original_tokens']:g} space-separated words, as the "
+                f"original; PPL_token per {counts['num_tokens']:g} tokens; BPB_text per "
+                f"{counts['utf8_length']:g} UTF-8 bytes)"
+            )
+
+    def prediction_record(self, prediction: Any, item: dict[str, Any], sample: Any) -> dict[str, Any]:
+        return {"tokens": len(sample.text), "context_tokens": len(sample.prompt), "loss": prediction}
 
 
 DEFAULT_CLASSES: dict[TaskType, type[BaseTask]] = {

@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from glm.evaluation.config import BaseConfig
 from glm.evaluation.dataset import LanguageModelWindow, language_model_windows, read_jsonl
 from glm.evaluation.metrics import Examples, Metric, bits_per_byte
 from glm.evaluation.report import FileResult, format_category_report
@@ -64,6 +65,17 @@ def pile_metric(losses: list[float], examples: Examples) -> dict[str, float]:
     return result
 
 
+def check_pile_item(item: dict[str, Any], where: str) -> None:
+    """A document needs `text_pretokenized` (the bytes BPB divides by), `meta.pile_set_name`, and `text`
+    as token ids where given."""
+    if not isinstance(item.get("text_pretokenized"), str):
+        raise ValueError(f"{where}: 'text_pretokenized' (the text BPB divides by) is missing")
+    if "text" in item and not (isinstance(item["text"], list) and all(type(t) is int for t in item["text"])):
+        raise ValueError(f"{where}: 'text' must be a list of token ids")
+    if not isinstance((item.get("meta") or {}).get("pile_set_name"), str):
+        raise ValueError(f"{where}: 'meta.pile_set_name' is missing")
+
+
 class Pile(LanguageModelTask):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,28 +85,27 @@ class Pile(LanguageModelTask):
     def metrics(self) -> dict[str, Metric]:
         return {"BPB": Metric("BPB", pile_metric, higher_is_better=False)}
 
+    @classmethod
+    def check_file(cls, config: BaseConfig, path: Path) -> None:
+        for number, item in enumerate(read_jsonl(path), start=1):
+            check_pile_item(item, f"{path}:{number}")
+
     def build_dataset(self, path: Path) -> EvalDataset:
         windows: list[LanguageModelWindow] = []
         data: list[dict[str, Any]] = []
         vocab = self.model.config.vocab_size
         for number, item in enumerate(read_jsonl(path), start=1):
             where = f"{path}:{number}"
-            raw = item.get("text_pretokenized")
             if "text" in item and not item["text"]:
                 continue  # as the original: empty documents are skipped
-            if not isinstance(raw, str):
-                raise ValueError(f"{where}: 'text_pretokenized' (the text BPB divides by) is missing")
+            check_pile_item(item, where)
+            raw = item["text_pretokenized"]
             ids = item["text"] if "text" in item else self.tokenizer.tokenize(raw)
-            if not isinstance(ids, list) or not all(type(t) is int for t in ids):
-                raise ValueError(f"{where}: 'text' must be a list of token ids")
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(
                     f"{where}: 'text' holds ids outside the vocabulary ({vocab}); pre-tokenized Pile ids are "
                     "icetk's: drop 'text' to re-tokenize 'text_pretokenized'"
                 )
-            name = (item.get("meta") or {}).get("pile_set_name")
-            if not isinstance(name, str):
-                raise ValueError(f"{where}: 'meta.pile_set_name' is missing")
             if not ids:
                 continue
             try:
@@ -143,5 +154,5 @@ class Pile(LanguageModelTask):
     def report_overall_metrics(self, results: dict[str, FileResult]) -> None:
         return None
 
-    def prediction_record(self, prediction: Any, item: dict[str, Any]) -> dict[str, Any]:
-        return {"loss": prediction}
+    def prediction_record(self, prediction: Any, item: dict[str, Any], sample: Any) -> dict[str, Any]:
+        return {"tokens": len(sample.text), "context_tokens": len(sample.prompt), "loss": prediction}

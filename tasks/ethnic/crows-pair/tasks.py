@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from glm.evaluation.dataset import MultiChoiceSample, multiple_choice_logprobs
+from glm.evaluation.dataset import MultiChoiceSample
 from glm.evaluation.metrics import Examples, Metric
 from glm.evaluation.report import FileResult
 from glm.evaluation.tasks import EvalDataset, MultiChoiceTask
@@ -46,7 +46,7 @@ class CrowsPairTask(MultiChoiceTask):
         return {"CP": Metric("CP", crows_pair_metric)}
 
     def predict_single_batch(self, batch: list[MultiChoiceSample]) -> list[list[float]]:
-        return multiple_choice_logprobs(self.model, batch, self.tokenizer.sop_id)
+        return self.score(batch)
 
     def evaluate_file(self, path: Path) -> tuple[dict[str, Any], int, list[Any], EvalDataset]:
         result, count, predictions, dataset = super().evaluate_file(path)

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from glm.evaluation.dataset import MultiChoiceSample, multiple_choice_logprobs
+from glm.evaluation.dataset import MultiChoiceSample
 from glm.evaluation.metrics import Examples, Metric
 from glm.evaluation.report import FileResult
 from glm.evaluation.tasks import EvalDataset, MultiChoiceTask
@@ -52,7 +52,7 @@ class StereoSetTask(MultiChoiceTask):
         return {"SS_ICAT": Metric("SS_ICAT", stereoset_metric)}
 
     def predict_single_batch(self, batch: list[MultiChoiceSample]) -> list[int]:
-        scores = multiple_choice_logprobs(self.model, batch, self.tokenizer.sop_id)
+        scores = self.score(batch)
         predictions = []
         for sample, sample_scores in zip(batch, scores, strict=True):
             normalised = [s / len(c) for s, c in zip(sample_scores, sample.choices, strict=True)]
