@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from glm.distributed import synchronized
-from glm.distributed import synchronized
 from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 
@@ -98,7 +97,6 @@ def generate(
         raise ValueError(f"max_gen_length must be at least 1, got {max_gen_length}")
     if mask_positions is None:
         mask_positions = [None] * len(contexts)
-    strategy = synchronized(strategy)  # tensor parallel: rank 0 decides each step for every rank
     strategy = synchronized(strategy)  # tensor parallel: rank 0 decides each step for every rank
     device = model.device
     inputs = build_inputs(contexts, max_gen_length, mask_positions, device, unidirectional)
