@@ -1,0 +1,427 @@
+"""Will it fit? Per-rank memory of a run, computed from the model the run would build.
+
+    python -m glm.plan --config glm-130b-int4 --device-memory 24GiB
+    python -m glm.plan --config glm-130b --tensor-parallel-size 4 --quantization-bit-width 4 \\
+        --device-memory 24GiB [--batch-size 1 --max-length 2048 --max-memory 20GiB]
+    python -m glm.plan --hardware-table        # the original README's hardware table, checked
+
+The model is built on the meta device and transformed as the run would be (tensor parallelism, then
+quantization, then offload), so the numbers follow the code rather than a formula beside it:
+
+- weights: every parameter and buffer of one rank's model, by kind, floating tensors in the run's dtype;
+- KV cache: `KVCache.for_model` on that model (batch x beams rows, max-length tokens);
+- activation peak: the largest sum of live tensors while the model runs a prefill of max-length tokens and a
+  decode step over a full cache, on meta tensors, tracked op by op (inputs and mask included);
+- workspace: a fixed allowance on CUDA for the context, cuBLAS and NCCL (an estimate, not measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from glm.config import GLMConfig
+from glm.loading import resolve_dtype
+from glm.model import GLM, KVCache, Linear
+from glm.offload import OffloadError, OffloadPlan, format_bytes, parse_memory, plan_offload, tensor_bytes
+from glm.run_config import load_run_config
+from glm.sharding import Split, split_rule
+
+GB = 1000**3
+GIB = 1024**3
+# CUDA context (~0.3-0.5 GiB), cuBLAS workspaces and NCCL buffers under tensor parallelism. An estimate.
+CUDA_WORKSPACE = 1 * GIB
+
+Transform = Callable[[GLM], GLM]
+
+
+# Stand-ins for the tensor-parallel and quantization transforms, until those land: they give the meta model
+# the shapes and dtypes the real transforms give it (glm/sharding.py's split rules; the original's INT8 /
+# INT4 layout: int8 weight [out, in * bits / 8] and an fp16 scale per output row). Swap in the real ones in
+# `run_transforms` when they exist.
+def _sharded_shape(key: str, shape: torch.Size, size: int) -> torch.Size:
+    rule = split_rule(key)
+    if rule is Split.REPLICATED or size == 1:
+        return shape
+    dim = 1 if rule is Split.COLUMNS else 0
+    if shape[dim] % size:
+        raise ValueError(f"{key}: {shape[dim]} is not divisible by tensor-parallel size {size}")
+    return torch.Size(n // size if d == dim else n for d, n in enumerate(shape))
+
+
+def tensor_parallel_stand_in(size: int) -> Transform:
+    def transform(model: GLM) -> GLM:
+        if size == 1:
+            return model
+        heads, vocab = model.config.num_attention_heads, model.config.vocab_size
+        if heads % size or vocab % size:
+            raise ValueError(f"tensor-parallel size {size} must divide the {heads} heads and {vocab} rows")
+        for key, param in list(model.named_parameters()):
+            owner_name, _, name = key.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            shape = _sharded_shape(key, param.shape, size)
+            owner._parameters[name] = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+        for layer in model.transformer.layers:
+            layer.attention.num_heads //= size
+            layer.attention.dense.reduce = _identity
+            layer.mlp.dense_4h_to_h.reduce = _identity
+        model.output_layer.gather = lambda logits: logits.repeat(*[1] * (logits.dim() - 1), size)
+        return model
+
+    return transform
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class _QuantizedLinearStandIn(nn.Module):
+    """The memory of a weight-only quantized linear layer; its forward materialises the dequantised weight
+    (as a prefill does), so the activation peak includes that transient."""
+
+    def __init__(self, linear: Linear, bits: int) -> None:
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.register_buffer("weight", torch.empty(out_features, in_features * bits // 8, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16))
+        self.bias = linear.bias
+        self.reduce = linear.reduce
+        self.in_features = in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = torch.empty(self.weight.shape[0], self.in_features, dtype=x.dtype, device=x.device)
+        y = torch.nn.functional.linear(x, weight)
+        if self.reduce is not None:
+            y = self.reduce(y)
+        return y + self.bias
+
+
+QUANTIZED = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def quantization_stand_in(bits: int | None) -> Transform:
+    def transform(model: GLM) -> GLM:
+        if bits is None:
+            return model
+        for layer in model.transformer.layers:
+            for path in QUANTIZED:
+                parent_name, _, name = path.rpartition(".")
+                parent = layer.get_submodule(parent_name)
+                setattr(parent, name, _QuantizedLinearStandIn(getattr(parent, name), bits))
+        return model
+
+    return transform
+
+
+def run_transforms(tensor_parallel_size: int, bits: int | None) -> list[Transform]:
+    """The transforms a run applies before offload, in the load pipeline's order."""
+    return [tensor_parallel_stand_in(tensor_parallel_size), quantization_stand_in(bits)]
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_meta_model(config: GLMConfig) -> GLM:
+    with torch.device("meta"):
+        return GLM(config)
+
+
+def build_meta_model(config: GLMConfig, transforms: Sequence[Transform]) -> GLM:
+    """The model built on the meta device, transformed as a run transforms it."""
+    model = copy.deepcopy(_plain_meta_model(config))
+    for transform in transforms:
+        model = transform(model)
+    return model
+
+
+def weight_kind(name: str) -> str:
+    if "word_embeddings" in name:
+        return "embedding"
+    if "layernorm" in name:
+        return "layernorm"
+    if name.endswith("bias"):
+        return "bias"
+    if name.endswith("_scale"):
+        return "scale"
+    return "attention" if ".attention." in name else "mlp"
+
+
+def weights_by_kind(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        kinds[weight_kind(name)] = kinds.get(weight_kind(name), 0) + tensor_bytes(tensor, dtype)
+    return kinds
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of the tensors the ops create (views and in-place results excluded) while alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def add(self, tensor: Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._free, n)
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, tuple | list) else (out,)
+        for ret, value in zip(func._schema.returns, results, strict=False):
+            if isinstance(value, Tensor) and ret.alias_info is None:
+                self.add(value)
+        return out
+
+
+def activation_peak(model: GLM, cache: KVCache, rows: int, length: int, dtype: torch.dtype) -> int:
+    """Peak bytes of live tensors besides weights and cache: a prefill of `length` - 1 tokens (logits at
+    the last one, as generation does), then a decode step that fills the cache."""
+    device = torch.device("meta")
+    peak = 0
+    for s, start in ((length - 1, 0), (1, length - 1)):
+        with _LiveBytes() as tracker, torch.no_grad():
+            ids = torch.zeros(rows, s, dtype=torch.long, device=device)
+            positions = torch.zeros(rows, s, dtype=torch.long, device=device)
+            mask = torch.zeros(rows, 1, length, length, dtype=torch.bool, device=device)  # the whole run's
+            cache.length = start
+            logits_at = torch.zeros(rows, 1, dtype=torch.long, device=device) if s > 1 else None
+            model(ids, positions, mask[:, :, start : start + s, : start + s], cache, logits_at)
+        peak = max(peak, tracker.peak)
+    return peak
+
+
+def _cache_bytes(model: GLM, dtype: torch.dtype, rows: int, length: int) -> int:
+    model.to(dtype)  # floating tensors (meta: no memory), so the cache takes the run's dtype
+    model.compute_device = torch.device("meta")
+    cache = KVCache.for_model(model, rows, length)
+    return sum(t.numel() * t.element_size() for t in [*cache.k, *cache.v])
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """One rank's memory, in bytes."""
+
+    weights: dict[str, int]
+    kv_cache: int
+    activations: int
+    workspace: int
+    offload: OffloadPlan
+    device_memory: int | None
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def device_weights(self) -> int:
+        """Weights on the device: all of them, or under offload the resident ones and the buffers."""
+        return self.offload.device_bytes if self.offload.streamed_units else self.weight_bytes
+
+    @property
+    def total(self) -> int:
+        return self.device_weights + self.kv_cache + self.activations + self.workspace
+
+    @property
+    def fits(self) -> bool:
+        return self.device_memory is None or self.total <= self.device_memory
+
+
+def plan_memory(
+    config: GLMConfig,
+    tensor_parallel_size: int = 1,
+    bits: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    device_type: str = "cuda",
+    batch_size: int = 1,
+    num_beams: int = 1,
+    max_length: int | None = None,
+    max_memory: str | int | None = None,
+    device_memory: str | int | None = None,
+    transforms: Sequence[Transform] | None = None,
+) -> MemoryPlan:
+    """The memory of one rank of a run; `transforms` default to `run_transforms(...)`."""
+    length = max_length or config.max_sequence_length
+    if transforms is None:
+        transforms = run_transforms(tensor_parallel_size, bits)
+    model = build_meta_model(config, transforms)
+    weights = weights_by_kind(model, dtype)
+    offload = plan_offload(model, max_memory, dtype)
+    rows = batch_size * num_beams
+    kv = _cache_bytes(model, dtype, rows, length)
+    # Activations do not accumulate across layers (each block hands one hidden state to the next), so two
+    # layers give the peak of all of them, in a fraction of the time meta ops take.
+    small = build_meta_model(dataclasses.replace(config, num_layers=min(2, config.num_layers)), transforms)
+    small.to(dtype)
+    small.compute_device = torch.device("meta")
+    activations = activation_peak(small, KVCache.for_model(small, rows, length), rows, length, dtype)
+    workspace = CUDA_WORKSPACE if device_type == "cuda" else 0
+    memory = None if device_memory is None else parse_memory(device_memory)
+    return MemoryPlan(weights, kv, activations, workspace, offload, memory)
+
+
+def offload_needed(plan_args: dict, device_memory: int) -> MemoryPlan | None:
+    """The plan with the largest --max-memory that leaves room for the cache, activations and workspace,
+    or None if even the minimum streaming setup does not fit."""
+    base = plan_memory(**{**plan_args, "max_memory": None, "device_memory": device_memory})
+    budget = device_memory - base.kv_cache - base.activations - base.workspace
+    try:
+        plan = plan_memory(**{**plan_args, "max_memory": max(budget, 0), "device_memory": device_memory})
+    except OffloadError:
+        return None
+    return plan if plan.fits else None
+
+
+# The original README's hardware table: (hardware, GPUs, GPU memory, quantization bits, weight offload).
+ORIGINAL_HARDWARE = [
+    ("8 x A100", 8, "40GiB", None, False),
+    ("8 x V100", 8, "32GiB", None, True),
+    ("8 x V100", 8, "32GiB", 8, False),
+    ("8 x RTX 3090", 8, "24GiB", 8, False),
+    ("4 x RTX 3090", 4, "24GiB", 4, False),
+    ("8 x RTX 2080 Ti", 8, "11GiB", 4, False),
+]
+V100_OFFLOAD_BUDGET = "25GiB"  # the original's --bminf-memory-limit 25, as configs/glm-130b-v100.yaml
+
+
+def hardware_table(config: GLMConfig, batch_size: int = 1, max_length: int | None = None) -> list[dict]:
+    """Each row of the original's table planned: does it fit without offload, and with it when offloaded."""
+    rows = []
+    for hardware, gpus, memory, bits, offloaded in ORIGINAL_HARDWARE:
+        args = dict(
+            config=config, tensor_parallel_size=gpus, bits=bits, batch_size=batch_size, max_length=max_length
+        )
+        plain = plan_memory(**args, device_memory=memory)
+        with_offload = (
+            plan_memory(**args, device_memory=memory, max_memory=V100_OFFLOAD_BUDGET) if offloaded else None
+        )
+        rows.append(
+            dict(
+                hardware=hardware,
+                memory=memory,
+                bits=bits,
+                offload=offloaded,
+                plain=plain,
+                with_offload=with_offload,
+            )
+        )
+    return rows
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def describe(plan: MemoryPlan, config: GLMConfig) -> str:
+    lines = ["per rank:"]
+    for kind, n in sorted(plan.weights.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  weights {kind:<10} {_gb(n):>12}")
+    lines.append(f"  weights total      {_gb(plan.weight_bytes):>12}")
+    if plan.offload.streamed_units:
+        o = plan.offload
+        matrices = len(o.resident_units) + len(o.streamed_units)
+        lines.append(
+            f"  offload: {len(o.streamed_units)} of {matrices} matrices ({o.streamed_layers} of "
+            f"{config.num_layers} layers) stream, {_gb(o.streamed_bytes)} per forward; on the device "
+            f"{_gb(o.resident_bytes)} resident + {_gb(o.buffer_bytes)} buffers"
+        )
+    lines.append(f"  KV cache           {_gb(plan.kv_cache):>12}")
+    lines.append(f"  activation peak    {_gb(plan.activations):>12}")
+    lines.append(f"  workspace          {_gb(plan.workspace):>12}")
+    lines.append(f"  total              {_gb(plan.total):>12}")
+    if plan.device_memory is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(
+            f"{verdict} in {format_bytes(plan.device_memory)} ({_gb(plan.device_memory)}) per device"
+        )
+    return "\n".join(lines)
+
+
+def format_hardware_table(rows: list[dict]) -> str:
+    out = [
+        "| Hardware | GPU memory | Quantization | Offload (original) | weights / GPU | total / GPU "
+        "| planner says |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        plain, off = row["plain"], row["with_offload"]
+        if plain.fits:
+            verdict = "fits"
+        elif off is not None and off.fits:
+            verdict = f"needs offload; fits with --max-memory {V100_OFFLOAD_BUDGET} ({_gb(off.total)})"
+        else:
+            verdict = "does not fit"
+        quant = f"INT{row['bits']}" if row["bits"] else "FP16"
+        out.append(
+            f"| {row['hardware']} | {row['memory'].replace('GiB', ' GB')} | {quant} | "
+            f"{'Yes (BMInf)' if row['offload'] else 'No'} | {_gb(plain.weight_bytes)} | {_gb(plain.total)} | "
+            f"{verdict} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plan", description="Per-rank memory of a run, and whether it fits."
+    )
+    parser.add_argument("--config", default="glm-130b", help="run config preset or file (configs/)")
+    parser.add_argument("--tensor-parallel-size", type=int, help="default: the config's, else 1")
+    parser.add_argument("--quantization-bit-width", type=int, choices=[4, 8], help="default: the config's")
+    parser.add_argument("--dtype", help="default: the config's, else auto for the device type")
+    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu"], help="default: the config's")
+    parser.add_argument("--device-memory", help="memory per device, e.g. 24GiB: say whether it fits")
+    parser.add_argument("--max-memory", help="offload budget per device (weights), e.g. 20GiB or 50%%")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-length", type=int, help="tokens per sequence (default: the model's maximum)")
+    parser.add_argument("--hardware-table", action="store_true", help="plan the original README's table")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(args.config)
+        config = run.model
+        if config is None:
+            raise ValueError(f"--config {args.config} names no model shape (it is read from a checkpoint)")
+        if args.hardware_table:
+            print(format_hardware_table(hardware_table(config, args.batch_size, args.max_length)))
+            return 0
+        device_type = args.device_type or ("cuda" if (run.device or "cpu").startswith("cuda") else "cpu")
+        dtype = resolve_dtype(args.dtype or run.dtype, torch.device(device_type))
+        plan_args = dict(
+            config=config,
+            tensor_parallel_size=args.tensor_parallel_size or run.tensor_parallel_size or 1,
+            bits=args.quantization_bit_width or run.quantization_bit_width,
+            dtype=dtype,
+            device_type=device_type,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams,
+            max_length=args.max_length,
+        )
+        max_memory = args.max_memory or run.max_memory
+        plan = plan_memory(**plan_args, max_memory=max_memory, device_memory=args.device_memory)
+        print(describe(plan, config))
+        if not plan.fits and max_memory is None:
+            needed = offload_needed(plan_args, plan.device_memory)
+            if needed is None:
+                print("does not fit even with offload: quantize, or use more devices")
+            else:
+                print(f"with offload (--max-memory {format_bytes(needed.offload.max_memory)}):")
+                print(describe(needed, config))
+        return 0 if plan.fits else 1
+    except (ValueError, OffloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

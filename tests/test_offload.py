@@ -1,0 +1,284 @@
+"""Weight offload: outputs identical to the resident model, memory under the budget, quantized modules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from glm.checkpoint import save_checkpoint
+from glm.config import GLMConfig
+from glm.decoding import generate
+from glm.loading import load_model
+from glm.model import GLM, Linear, init_random_weights
+from glm.offload import Offload, OffloadError, parse_memory, plan_offload
+from glm.strategies import BaseStrategy, BeamSearchStrategy
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = GLMConfig(
+    num_layers=3,
+    hidden_size=64,
+    num_attention_heads=4,
+    inner_hidden_size=96,
+    vocab_size=128,
+    max_sequence_length=64,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    model = init_random_weights(GLM(CONFIG), seed=3, std=0.2)
+    folder = tmp_path_factory.mktemp("offload") / "ckpt"
+    return save_checkpoint({k: v.half() for k, v in model.state_dict().items()}, folder, CONFIG)
+
+
+def streamed(model: GLM) -> int:
+    return len(model.offload.plan.streamed_units) if hasattr(model, "offload") else 0
+
+
+def forward_passes(model: GLM, ids: Tensor) -> list[Tensor]:
+    """A prefill and three cached decode steps."""
+    b, s = ids.shape
+    cache = model.new_cache(b, s + 3)
+    outputs = [model(ids, torch.arange(s).expand(b, s), torch.zeros(1, 1, s, s, dtype=torch.bool), cache)]
+    for i in range(3):
+        mask = torch.zeros(1, 1, 1, s + i + 1, dtype=torch.bool)
+        outputs.append(model(ids[:, i : i + 1], torch.full((b, 1), s + i), mask, cache))
+    return outputs
+
+
+@pytest.mark.parametrize("budget", ["32%", "50%", "80%"])
+def test_logits_are_bit_identical_in_fp32(checkpoint, budget):
+    reference, _ = load_model(checkpoint, dtype="float32")
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload(budget, "cpu", torch.float32)])
+    assert streamed(offloaded) > 0
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second pass starts from the wrapped-around prefetch
+        for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
+            assert torch.equal(a, b)
+    # Between forwards the streamed modules hold the stored weights: the state dicts agree.
+    for (key, a), (_, b) in zip(reference.state_dict().items(), offloaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+
+
+def test_greedy_and_beam_tokens_are_identical(checkpoint):
+    reference, _ = load_model(checkpoint, dtype="float32")
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload("40%", "cpu", torch.float32)])
+    assert streamed(offloaded) >= 8
+    contexts = [[5, 17, 3, 99, 1], [7, 7, 42]]
+    for make in (
+        lambda: BaseStrategy(2, top_k=1),
+        lambda: BeamSearchStrategy(2, num_beams=3, deterministic=True, no_repeat_ngram_size=2),
+    ):
+        want = generate(reference, contexts, make(), max_gen_length=12)
+        got = generate(offloaded, contexts, make(), max_gen_length=12)
+        assert got == want
+
+
+def test_everything_fits_is_a_no_op(checkpoint):
+    model, _ = load_model(checkpoint, transforms=[Offload("1GiB", "cpu", torch.float32), Offload(None)])
+    assert not hasattr(model, "offload")
+
+
+def test_plan_keeps_a_prefix_and_counts_bytes():
+    with torch.device("meta"):
+        model = GLM(CONFIG)
+    h, inner, v = CONFIG.hidden_size, CONFIG.inner_hidden_size, CONFIG.vocab_size
+    qkv, dense, up, down = (3 * h * h + 3 * h) * 4, (h * h + h) * 4, (2 * inner * h + 2 * inner) * 4, 0
+    down = (inner * h + h) * 4
+    fixed = (v * h + CONFIG.num_layers * 4 * h + 2 * h) * 4  # embedding and LayerNorms, fp32
+    budget = fixed + 2 * up + qkv + dense  # room for two buffers and the first two matrices
+    plan = plan_offload(model, budget, torch.float32)
+    assert plan.fixed_bytes == fixed
+    assert plan.resident_units == (
+        "transformer.layers.0.attention.query_key_value",
+        "transformer.layers.0.attention.dense",
+    )
+    assert plan.buffer_bytes == 2 * up
+    assert plan.streamed_bytes == up + down + (CONFIG.num_layers - 1) * (qkv + dense + up + down)
+    assert plan.total_bytes == CONFIG.num_parameters() * 4
+    with pytest.raises(OffloadError, match="minimum"):
+        plan_offload(model, fixed + 2 * up - 1, torch.float32)
+
+
+def test_parse_memory():
+    assert parse_memory("22GiB") == 22 * 1024**3
+    assert parse_memory("1.5 GB") == 1_500_000_000
+    assert parse_memory("512MiB") == 512 * 1024**2
+    assert parse_memory("25%", 1000) == 250
+    assert parse_memory(123) == 123
+    with pytest.raises(ValueError, match="22GiB"):
+        parse_memory("lots")
+
+
+class Int8Linear(nn.Module):
+    """A stand-in quantized layer: int8 weights and an fp16 scale per row, quantized in load_weight."""
+
+    def __init__(self, linear: Linear) -> None:
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16))
+        self.bias = linear.bias
+
+    def load_weight(self, name, tensor, dtype, device):
+        if name != "weight":
+            self.bias = nn.Parameter(tensor.to(device, dtype), requires_grad=False)
+            return
+        scale = (tensor.float().abs().amax(dim=1) / 127).half()
+        self.weight = (tensor.float() / scale.float()[:, None]).round().to(torch.int8).to(device)
+        self.weight_scale = scale.to(device)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.float() * self.weight_scale.float()[:, None], self.bias)
+
+
+def quantize(model: GLM) -> GLM:
+    for layer in model.transformer.layers:
+        layer.attention.query_key_value = Int8Linear(layer.attention.query_key_value)
+        layer.mlp.dense_h_to_4h = Int8Linear(layer.mlp.dense_h_to_4h)
+    return model
+
+
+def test_streams_whatever_a_quantized_module_holds(checkpoint):
+    reference, _ = load_model(checkpoint, dtype="float32", transforms=[quantize])
+    offloaded, _ = load_model(
+        checkpoint, dtype="float32", transforms=[quantize, Offload("50%", "cpu", torch.float32)]
+    )
+    units = offloaded.offload.units
+    assert any(e.stored.dtype == torch.int8 for u in units for e in u.entries)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cli_with_max_memory_gives_the_same_answers(tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("Tsinghua University is located in [MASK].\nThe capital of France is [MASK].\n")
+    outputs = []
+    for extra in ([], ["--max-memory", "50%"]):
+        out = tmp_path / f"out{len(extra)}"
+        subprocess.run(
+            [
+                *[sys.executable, "-m", "glm.generate", "--input-source", str(queries)],
+                *["--output-path", str(out), "--sampling-strategy", "BeamSearchStrategy", "--deterministic"],
+                *["--out-seq-length", "24", *extra],
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        outputs.append({p.name.split("-")[0]: p.read_text() for p in out.iterdir()})
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+
+
+def test_cli_budget_too_small_is_one_line_error(tmp_path):
+    (tmp_path / "query.txt").write_text("A [MASK].\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm.generate",
+            "--input-source",
+            str(tmp_path / "query.txt"),
+            "--max-memory",
+            "1MiB",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: --max-memory 1.00 MiB is below the minimum")
+
+
+# Run in a fresh process: peak resident memory, once the interpreter, torch and the one-off allocations of a
+# first forward are warm, of loading and running a model (prefill of `length - 1` tokens, a decode step).
+PROBE = r"""
+import json, sys, torch
+from dataclasses import replace
+from glm.config import GLMConfig
+from glm.loading import load_model
+from glm.model import GLM, init_random_weights
+from glm.offload import Offload
+folder, budget, batch, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+def run(model, batch, length):
+    cache = model.new_cache(batch, length)
+    ids = torch.zeros(batch, length - 1, dtype=torch.long)
+    positions = torch.arange(length - 1).expand(batch, -1)
+    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    with torch.no_grad():
+        last = torch.zeros(batch, 1, dtype=torch.long)
+        model(ids, positions, mask[:, :, : length - 1, : length - 1], cache, last)
+        model(ids[:, :1], positions[:, :1], mask[:, :, length - 1 :, :], cache)
+warm = init_random_weights(GLM(GLMConfig(1, 64, 4, 64, 64, 32)))
+run(warm, 1, 16)
+with torch.device("meta"):
+    GLM(warm.config)
+del warm
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS")
+transforms = [] if budget == "none" else [Offload(budget, "cpu", torch.float32)]
+model, _ = load_model(folder, dtype="float32", transforms=transforms)
+loaded = status("VmHWM") - base
+run(model, batch, length)
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+device = model.offload.plan.device_bytes if hasattr(model, "offload") else weights
+print(json.dumps(dict(load_peak=loaded, run_peak=status("VmHWM") - base, weights=weights, device=device)))
+"""
+
+MEMORY_CONFIG = GLMConfig(
+    num_layers=6,
+    hidden_size=768,
+    num_attention_heads=8,
+    inner_hidden_size=2048,
+    vocab_size=4096,
+    max_sequence_length=256,
+)
+
+
+@pytest.fixture(scope="session")
+def memory_checkpoint(tmp_path_factory) -> Path:
+    """A 183 MB (fp32) model, stored in fp16: large enough that RSS differences are weights."""
+    with torch.device("meta"):
+        model = GLM(MEMORY_CONFIG)
+    model = init_random_weights(model.to_empty(device="cpu"), seed=0)
+    folder = tmp_path_factory.mktemp("memory") / "ckpt"
+    return save_checkpoint({k: v.half() for k, v in model.state_dict().items()}, folder, MEMORY_CONFIG)
+
+
+def probe(folder: Path, budget: str, batch: int = 1, length: int = 32) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(folder), budget, str(batch), str(length)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak RSS")
+def test_resident_memory_stays_under_the_budget(memory_checkpoint):
+    full = probe(memory_checkpoint, "none")
+    offloaded = probe(memory_checkpoint, "25%")
+    mib = 2**20
+    # The measurement sees the weights: the resident model's peak is at least its weights...
+    assert full["run_peak"] >= full["weights"]
+    overhead = full["run_peak"] - full["weights"]  # allocator and first-forward slack of this process
+    budget = offloaded["weights"] // 4
+    assert offloaded["device"] <= budget
+    # ...and the offloaded one stays under its budget loading, and under it plus the same slack running.
+    assert offloaded["load_peak"] <= budget
+    assert offloaded["run_peak"] <= budget + overhead + 4 * mib
+    assert offloaded["run_peak"] < full["run_peak"] / 2
