@@ -9,6 +9,7 @@ cpu.py (+ cpu_kernels.cpp), cuda.py; quantized checkpoints and CLI flags: checkp
 """
 
 from quantization.checkpoint import (
+    ConversionPlan,
     checkpoint_transform,
     quantization_metadata,
     quantize_checkpoint_tensor,
@@ -20,6 +21,7 @@ from quantization.schemes import QuantizationSpec, dequantize, quantize_weight
 from quantization.transform import quantization_transform, quantize
 
 __all__ = [
+    "ConversionPlan",
     "QuantizationSpec",
     "QuantizedLinear",
     "QuantizedOutputLayer",

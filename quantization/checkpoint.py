@@ -78,6 +78,55 @@ def spec_from_metadata(
         raise CheckpointError(f"{source}: {e}") from None
 
 
+class ConversionPlan:
+    """What tools/convert_tp.py writes for each key and into model_config.json, for an input checkpoint
+    and its --quantization-* flags: float inputs are quantized per target rank when `bits` is given;
+    quantized inputs are re-sharded as they are (exactly: glm/sharding.py's SCALE_GROUPS) and keep their
+    metadata."""
+
+    def __init__(
+        self,
+        checkpoint: ShardedCheckpoint,
+        meta: dict[str, Any] | None,
+        bits: int | None = None,
+        scheme: str = "row",
+        group_size: int | None = None,
+    ) -> None:
+        stored = spec_from_metadata(meta, str(checkpoint.folder / "model_config.json"))
+        if stored is None and has_scales(checkpoint):
+            if bits is None:
+                raise CheckpointError(
+                    f"{checkpoint.folder} holds quantized weights but records no bit width: pass "
+                    "--quantization-bit-width 4 or 8 (the width it was quantized with)"
+                )
+            stored = QuantizationSpec(bits)  # the original's quantized checkpoints: per-row scales
+            self._metadata = quantization_metadata(stored, checkpoint.tensor_parallel_size)
+        elif stored is not None:
+            self._metadata = {
+                "quantization_bit_width": meta["quantization_bit_width"],
+                "quantization": meta["quantization"],
+            }
+        if stored is not None:
+            if bits is not None and bits != stored.bits:
+                raise CheckpointError(
+                    f"{checkpoint.folder} is an INT{stored.bits} checkpoint: it cannot be converted to "
+                    f"INT{bits} (quantize the float checkpoint instead)"
+                )
+            self.spec: QuantizationSpec | None = None  # nothing to quantize
+        else:
+            self.spec = None if bits is None else QuantizationSpec(bits, scheme, group_size)
+            self._metadata = {}
+        self.quantized_output = stored is not None or self.spec is not None
+
+    def entries(self, key: str, piece: Tensor) -> dict[str, Tensor]:
+        """The output entries for one target rank's slice of `key`."""
+        return {key: piece} if self.spec is None else quantize_checkpoint_tensor(key, piece, self.spec)
+
+    def metadata(self, target_tp: int) -> dict[str, Any]:
+        """write_checkpoint's extra_metadata for the output."""
+        return quantization_metadata(self.spec, target_tp) if self.spec is not None else self._metadata
+
+
 def has_scales(checkpoint: ShardedCheckpoint) -> bool:
     return any(key.endswith(".weight_scale") for key in checkpoint.keys)
 

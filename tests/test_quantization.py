@@ -11,12 +11,19 @@ import torch
 import torch.nn.functional as F
 
 import quantization.layers
-from glm.checkpoint import CheckpointError, ShardedCheckpoint, save_checkpoint, write_checkpoint
+from glm.checkpoint import (
+    CheckpointError,
+    ShardedCheckpoint,
+    read_metadata,
+    save_checkpoint,
+    write_checkpoint,
+)
 from glm.config import get_preset
 from glm.loading import load_model
 from glm.model import GLM
 from glm.sharding import merge_tensors, split_tensor
 from quantization import (
+    ConversionPlan,
     QuantizationSpec,
     QuantizedLinear,
     checkpoint_transform,
@@ -255,24 +262,31 @@ def test_int8_output_layer_gives_the_dequantised_embedding_logits(sat_tiny, refe
 # Quantized checkpoints -----------------------------------------------------------------------------------
 
 
-def write_quantized(
-    folder: Path, spec: QuantizationSpec, tensor_parallel_size: int, metadata: bool = True
-) -> Path:
-    """sat_tiny quantized per target rank, as tools/convert_tp.py --quantization-bit-width writes it."""
-    source = ShardedCheckpoint(SAT_TINY / "ckpt")
+def convert(source_folder: Path, folder: Path, target_tp: int, bits: int | None = None, **flags) -> Path:
+    """What tools/convert_tp.py does with ConversionPlan (each target rank's slices, then its entries)."""
+    source = ShardedCheckpoint(source_folder)
+    plan = ConversionPlan(source, read_metadata(source_folder), bits, **flags)
 
     def rank_state_dict(rank: int) -> dict[str, torch.Tensor]:
         shard = {}
         for key in source.keys:
-            shard.update(quantize_checkpoint_tensor(key, source.read(key, rank, tensor_parallel_size), spec))
+            shard.update(plan.entries(key, source.read(key, rank, target_tp)))
         return {k: v.clone() for k, v in shard.items()}
 
-    extra = (
-        quantization_metadata(spec, tensor_parallel_size) if metadata else {"quantization_bit_width": None}
-    )
     return write_checkpoint(
-        folder, rank_state_dict, get_preset("sat-tiny"), tensor_parallel_size, extra_metadata=extra
+        folder, rank_state_dict, get_preset("sat-tiny"), target_tp, extra_metadata=plan.metadata(target_tp)
     )
+
+
+def write_quantized(
+    folder: Path, spec: QuantizationSpec, tensor_parallel_size: int, metadata: bool = True
+) -> Path:
+    """sat_tiny quantized per target rank, as tools/convert_tp.py --quantization-bit-width writes it."""
+    flags = dict(scheme=spec.scheme, group_size=spec.group_size)
+    folder = convert(SAT_TINY / "ckpt", folder, tensor_parallel_size, spec.bits, **flags)
+    if not metadata:  # as the original's quantized checkpoints: no model_config.json at all
+        (folder / "model_config.json").unlink()
+    return folder
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -373,6 +387,49 @@ def test_fp16_checkpoint_quantizes_while_loading_from_its_fp16_values(tmp_path):
         half["transformer.layers.0.attention.query_key_value.weight"], 8
     )
     assert torch.equal(layer.weight, expected) and torch.equal(layer.weight_scale, expected_scale)
+
+
+def test_converting_a_quantized_checkpoint_reshards_it_exactly_and_keeps_its_metadata(reference, tmp_path):
+    spec = QuantizationSpec(4, "group", 8)
+    tp1 = write_quantized(tmp_path / "int4", spec, 1)
+    tp4 = convert(tp1, tmp_path / "int4-tp4", 4)  # no flag needed: the input records its quantization
+    back = convert(tp4, tmp_path / "int4-tp4-tp2", 2, bits=4)
+    assert read_metadata(back)["quantization"]["scheme"] == "group"
+    expected = load_sat_tiny([checkpoint_transform(tp1)], tp1)
+    for folder in (tp4, back):
+        model = load_sat_tiny([checkpoint_transform(folder)], folder)
+        for got, want in zip(model.modules(), expected.modules(), strict=True):
+            if isinstance(got, QuantizedLinear):
+                assert torch.equal(
+                    dequantize(got.weight, got.weight_scale, 4), dequantize(want.weight, want.weight_scale, 4)
+                )
+    with pytest.raises(CheckpointError, match="cannot be converted to INT8"):
+        convert(tp1, tmp_path / "int8", 1, bits=8)
+
+
+def _tp_worker(rank: int, folder: str, out: Path) -> None:
+    from glm import distributed, tensor_parallel
+
+    quantization.layers.make_kernel = reference_kernel
+    reference = torch.load(SAT_TINY / "reference_outputs.pt", weights_only=True)
+    distributed.initialize()
+    transforms = [tensor_parallel.transform(), checkpoint_transform(folder)]
+    model, _ = load_model(folder, transforms=transforms)
+    torch.save(forward(model, reference), out / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_int4_checkpoint_loads_at_tp2_without_flags(reference, tmp_path, monkeypatch):
+    from ranks import run_ranks
+
+    folder = write_quantized(tmp_path / "int4", QuantizationSpec(4), 1)
+    run_ranks(_tp_worker, 2, str(folder), tmp_path, timeout=240)
+    monkeypatch.setattr(quantization.layers, "make_kernel", reference_kernel)
+    expected = forward(load_sat_tiny([checkpoint_transform(folder)], folder), reference)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
 
 
 # CUDA (skipped without a GPU) ----------------------------------------------------------------------------
