@@ -185,7 +185,8 @@ def main() -> None:
 
     base = results.get("fp32")
     print(
-        f"\nCPU: {setup['cpu']} ({setup['cpu_capability']}, {setup['threads']} threads), torch {torch.__version__}"
+        f"\nCPU: {setup['cpu']} ({setup['cpu_capability']}, {setup['threads']} threads), "
+        f"torch {torch.__version__}"
     )
     if bandwidth:
         print(
@@ -203,8 +204,8 @@ def main() -> None:
         prefill = f"{r[prefill_key]:.2f}" if prefill_key in r else "-"
         print(
             f"| {name} | {r['decode_tokens_per_s']:.1f} | {ratio:.2f} | {r['ms_per_token_median']:.1f} | "
-            f"{r['weight_bytes_per_step'] / 1e6:.0f} | {r['weight_gb_per_s']:.1f} | {fraction:.2f} | {prefill} | "
-            f"{r['other_cores']:.2f} |"
+            f"{r['weight_bytes_per_step'] / 1e6:.0f} | {r['weight_gb_per_s']:.1f} | {fraction:.2f} | "
+            f"{prefill} | {r['other_cores']:.2f} |"
         )
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,9 @@ def evaluate(settings: dict[str, Any] | None, tasks, limit: int | None) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", nargs="+", default=[str(REPO_ROOT / "tasks" / "offline")])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--limit", type=int, help="first N items per file (quick checks)")

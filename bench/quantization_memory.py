@@ -90,7 +90,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     mib = 2**20
     print(
-        f"\nCPU: {cpu_name()}; {args.preset}, fp16 on disk, {args.shards} shard(s), loaded as fp32 + quantized\n"
+        f"\nCPU: {cpu_name()}; {args.preset}, fp16 on disk, {args.shards} shard(s), "
+        "loaded as fp32 + quantized\n"
     )
     print("| loaded as | peak RSS above start MiB | model MiB | peak / model | goal <= 1.25 |")
     print("|---|---|---|---|---|")
