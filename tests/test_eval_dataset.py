@@ -178,8 +178,10 @@ def test_read_jsonl_names_the_bad_line(tmp_path) -> None:
     path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: expected a JSON object, got list")):
         read_jsonl(path)
-    path.write_bytes(b'{"a": "\xff"}\n')
-    with pytest.raises(ValueError, match="not UTF-8 text"):
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}:2: not UTF-8 text (byte 0xff); save the file as UTF-8")
+    ):
         read_jsonl(path)
 
 

@@ -104,7 +104,8 @@ def test_multitask_encoding_positions_through_the_task(tiny_model, tmp_path) -> 
 
 
 def greedy_answer(model, tokenizer, text: str, steps: int) -> str:
-    """Greedy decoding by hand: the whole sequence recomputed each step, [MASK] appended, then sop."""
+    """Greedy decoding by hand: the whole sequence recomputed each step, [MASK] appended, then sop; mask
+    tokens and padding rows are never generated."""
     mask, sop = tokenizer.get_command("[MASK]"), tokenizer.sop_id
     context = [*tokenizer.tokenize(text), mask, sop]
     n, generated = len(context), []
@@ -114,8 +115,10 @@ def greedy_answer(model, tokenizer, text: str, steps: int) -> str:
         visible = torch.ones(length, length, dtype=torch.bool).tril()
         visible[:, : n - 1] = True  # the context before sop is bidirectional and seen by all
         positions = [*range(n - 1), *[n - 2] * (length - n + 1)]  # sop and the answer at the mask's position
-        logits = model(torch.tensor([tokens]), torch.tensor([positions]), ~visible[None, None])
-        token = int(logits[0, -1].argmax())
+        logits = model(torch.tensor([tokens]), torch.tensor([positions]), ~visible[None, None])[0, -1]
+        logits[sorted(tokenizer.mask_ids.values())] = -math.inf  # never a mask token ...
+        logits[tokenizer.vocab_size :] = -math.inf  # ... nor a padding row of the embedding
+        token = int(logits.argmax())
         if token in tokenizer.end_ids:
             break
         generated.append(token)
@@ -472,8 +475,16 @@ def test_beam_search_generation_equals_generate(tiny_model, tmp_path) -> None:
     )
     samples = task.build_dataset(tmp_path / "gen/test.jsonl").samples
     predictions = task.predict_single_batch(samples)
+    masks = sorted(tokenizer.mask_ids.values())
+    invalid = [slice(masks[0], masks[-1] + 1), slice(tokenizer.vocab_size, None)]
     strategy = BeamSearchStrategy(
-        2, 2, consider_end=True, end_tokens=tokenizer.end_ids, no_repeat_ngram_size=3, deterministic=True
+        2,
+        2,
+        consider_end=True,
+        end_tokens=tokenizer.end_ids,
+        invalid_slices=invalid,
+        no_repeat_ngram_size=3,
+        deterministic=True,
     )
     contexts = [sample.tokens for sample in samples]
     outputs = generate(model, contexts, strategy, 4, [sample.mask_position for sample in samples])

@@ -32,19 +32,26 @@ Encode = Callable[[str], list[int]]
 # ------------------------------------------------------------------------------------------ reading data
 
 
+def read_utf8(path: Path | str) -> str:
+    """A data file's text; a byte that is not UTF-8 is an error naming the file and its line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     """One JSON object per non-empty line (the original also read `*.json` files line by line)."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line.rstrip("\r\n"))
+            item = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(
                 f"{path}:{number}:{error.pos + 1}: malformed JSON line ({error.msg}); "
@@ -58,12 +65,9 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 
 def read_text(path: Path | str) -> str:
     """A language-model file: UTF-8 text with something to score."""
-    try:
-        raw = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    raw = read_utf8(path)
     if not raw.strip():
-        raise ValueError(f"{path}: no text to score")
+        raise ValueError(f"{path}: no text to score; a language-model file holds the raw text")
     return raw
 
 
@@ -126,7 +130,7 @@ def _spans(item: dict[str, Any], key: str, where: str) -> list[Any]:
 def check_multiple_choice_items(items: list[dict[str, Any]], path: Path | str) -> None:
     """Inputs, at least one non-empty choice and a label that indexes a choice, for every item."""
     if not items:
-        raise ValueError(f"{path}: no items")
+        raise ValueError(f"{path}: no items; the file needs one JSON object per line")
     for number, item in enumerate(items, start=1):
         where = f"{path}: item {number}"
         _check_text_or_ids(item, "inputs", where)
@@ -134,7 +138,9 @@ def check_multiple_choice_items(items: list[dict[str, Any]], path: Path | str) -
         if not choices:
             raise ValueError(f"{where}: no choices; a multiple-choice item needs at least one")
         if any(len(c) == 0 for c in choices):
-            raise ValueError(f"{where}: choice {[len(c) for c in choices].index(0)} is empty")
+            raise ValueError(
+                f"{where}: choice {[len(c) for c in choices].index(0)} is empty; every choice needs text"
+            )
         label = item.get("label")
         if not isinstance(label, int) or isinstance(label, bool):
             raise ValueError(f"{where}: 'label' must be the index of the right choice, got {label!r}")
@@ -145,7 +151,7 @@ def check_multiple_choice_items(items: list[dict[str, Any]], path: Path | str) -
 def check_generation_items(items: list[dict[str, Any]], path: Path | str) -> None:
     """Inputs for every item; targets, where given, a string or a list of strings (or of ids lists)."""
     if not items:
-        raise ValueError(f"{path}: no items")
+        raise ValueError(f"{path}: no items; the file needs one JSON object per line")
     for number, item in enumerate(items, start=1):
         where = f"{path}: item {number}"
         _check_text_or_ids(item, "inputs", where)

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from glm.distributed import data_parallel_share, gather_data_parallel
 from glm.evaluation.config import (
     BaseConfig,
     ConfigError,
@@ -160,13 +161,15 @@ class BaseTask(ABC):
     def evaluate_file(self, path: Path) -> tuple[dict[str, Any], int, list[Any], EvalDataset]:
         dataset = self.build_dataset(path)
         size = self.config.micro_batch_size
-        batches = [dataset.samples[i : i + size] for i in range(0, len(dataset.samples), size)]
+        samples = data_parallel_share(dataset.samples)  # this replica's (all, without data parallelism)
+        batches = [samples[i : i + size] for i in range(0, len(samples), size)]
         predictions: list[Any] = []
-        progress = Progress(f"{self.config.name} {path.relative_to(self.folder)}", len(dataset.samples))
+        progress = Progress(f"{self.config.name} {path.relative_to(self.folder)}", len(samples))
         for batch in batches:
             predictions += self.predict_single_batch(batch)
             progress.update(len(batch))
         progress.close()
+        predictions = gather_data_parallel(predictions, len(dataset.samples))  # original order
         result = {key: metric(predictions, dataset.data) for key, metric in self.metrics.items()}
         return result, len(dataset.samples), predictions, dataset
 
@@ -285,17 +288,24 @@ class GenerationTask(BaseTask):
     def check_file(cls, config: BaseConfig, path: Path) -> None:
         check_generation_items(read_jsonl(path), path)
 
+    def invalid_slices(self) -> list[slice]:
+        """Ids never generated: the mask tokens and the embedding's padding rows past the tokenizer's
+        vocabulary, as in blank filling (glm.infill); the original's evaluator allowed them."""
+        masks = sorted(self.tokenizer.mask_ids.values())
+        return [slice(masks[0], masks[-1] + 1), slice(self.tokenizer.vocab_size, None)]
+
     def build_strategy(self, batch_size: int) -> BaseStrategy | BeamSearchStrategy:
         """The original's strategies; end tokens are [eop, eos]."""
-        end = self.tokenizer.end_ids
+        end, invalid = self.tokenizer.end_ids, self.invalid_slices()
         if self.config.sampling_strategy == "BaseStrategy":
-            return BaseStrategy(batch_size, temperature=1.0, top_k=1, end_tokens=end)
+            return BaseStrategy(batch_size, invalid, temperature=1.0, top_k=1, end_tokens=end)
         return BeamSearchStrategy(
             batch_size,
             self.config.num_beams,
             length_penalty=self.config.length_penalty,
             consider_end=True,
             end_tokens=end,
+            invalid_slices=invalid,
             no_repeat_ngram_size=self.config.no_repeat_ngram_size,
             min_gen_length=self.config.min_gen_length,
             deterministic=True,
