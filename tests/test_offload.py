@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,19 +248,23 @@ MEMORY_CONFIG = GLMConfig(
 )
 
 
-@pytest.fixture(scope="session")
-def memory_checkpoint(tmp_path_factory) -> Path:
+def build_memory_checkpoint(folder: Path) -> Path:
     """A 183 MB (fp32) model, stored in fp16: large enough that RSS differences are weights."""
     with torch.device("meta"):
         model = GLM(MEMORY_CONFIG)
     model = init_random_weights(model.to_empty(device="cpu"), seed=0)
-    folder = tmp_path_factory.mktemp("memory") / "ckpt"
     return save_checkpoint({k: v.half() for k, v in model.state_dict().items()}, folder, MEMORY_CONFIG)
 
 
-def probe(folder: Path, budget: str, batch: int = 1, length: int = 32) -> dict:
+@pytest.fixture(scope="module")
+def memory_checkpoint(tmp_path_factory) -> Path:
+    return build_memory_checkpoint(tmp_path_factory.mktemp("memory") / "ckpt")
+
+
+def probe(folder: Path, budget: str, batch: int = 1, length: int = 32, env: dict | None = None) -> dict:
     run = subprocess.run(
         [sys.executable, "-c", PROBE, str(folder), budget, str(batch), str(length)],
+        env={**os.environ, **(env or {})},
         cwd=REPO,
         check=True,
         capture_output=True,

@@ -1,0 +1,109 @@
+"""The memory planner against the original's hardware table and figures, hand counts and a measured run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_offload import MEMORY_CONFIG, build_memory_checkpoint, probe
+
+from glm.config import get_preset
+from glm.plan import ORIGINAL_HARDWARE, hardware_table, plan_memory
+
+GLM_130B = get_preset("glm-130b")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_memory_checkpoint(tmp_path_factory.mktemp("plan") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def table():
+    return {(r["hardware"], r["bits"]): r for r in hardware_table(GLM_130B)}
+
+
+@pytest.mark.parametrize("hardware,gpus,memory,bits,offload", ORIGINAL_HARDWARE)
+def test_every_row_of_the_original_hardware_table(table, hardware, gpus, memory, bits, offload):
+    row = table[(hardware, bits)]
+    if offload:  # 8 x V100 in FP16: only with BMInf's 25 GB per-GPU weight limit
+        assert not row["plain"].fits
+        assert row["with_offload"].fits
+        assert row["with_offload"].offload.streamed_units
+    else:
+        assert row["plain"].fits
+
+
+@pytest.mark.parametrize(
+    "gpus,memory,bits",
+    [(4, "24GiB", 8), (8, "11GiB", 8), (4, "24GiB", None), (8, "11GiB", None), (4, "40GiB", None)],
+)
+def test_what_the_original_does_not_list_does_not_fit(gpus, memory, bits):
+    assert not plan_memory(GLM_130B, gpus, bits, device_memory=memory).fits
+
+
+def test_int4_weights_are_about_70_gb():
+    plan = plan_memory(GLM_130B, 1, 4, max_length=8)
+    assert abs(plan.weight_bytes - 70e9) <= 0.05 * 70e9
+
+
+def test_fp16_weights_match_a_parameter_count_by_hand():
+    # 128.7 B parameters (the reference's count from the shapes) in fp16, on one device.
+    plan = plan_memory(GLM_130B, 1, None, max_length=8)
+    assert plan.weight_bytes == 2 * GLM_130B.num_parameters()
+    assert abs(GLM_130B.num_parameters() - 128.7e9) < 0.1e9
+
+
+def test_a_rank_holds_its_share_and_the_replicated_tensors():
+    h, layers = GLM_130B.hidden_size, GLM_130B.num_layers
+    replicated = layers * (4 * h + 2 * h) + 2 * h  # LayerNorms, row-parallel biases, final LayerNorm
+    per_rank = (GLM_130B.num_parameters() - replicated) // 8 + replicated
+    assert plan_memory(GLM_130B, 8, None, max_length=8).weight_bytes == 2 * per_rank
+
+
+def test_kv_cache_is_3_4_mb_per_token():
+    plan = plan_memory(GLM_130B, 1, None, max_length=2048)
+    assert plan.kv_cache == 2 * 12288 * 2 * 70 * 2048  # 2 x hidden fp16 values per token per layer
+    assert plan.kv_cache / 2048 == pytest.approx(3.44e6, rel=0.01)
+
+
+def test_offload_plan_respects_the_budget():
+    plan = plan_memory(GLM_130B, 8, None, max_memory="25GiB", device_memory="32GiB")
+    assert plan.device_weights <= 25 * 1024**3
+    assert plan.offload.streamed_bytes + plan.offload.resident_bytes == plan.weight_bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak RSS")
+@pytest.mark.parametrize("batch,length", [(1, 32), (4, 256)])
+def test_plan_is_within_10_percent_of_a_measured_run(checkpoint, batch, length):
+    # Measured where glibc gives freed blocks back (as offload sets it): with its default the heap keeps
+    # freed activations, +11 % at batch 4 x 256 here, which is the allocator's, not the model's.
+    measured = probe(checkpoint, "none", batch, length, {"MALLOC_MMAP_THRESHOLD_": "131072"})["run_peak"]
+    plan = plan_memory(
+        MEMORY_CONFIG, dtype=torch.float32, device_type="cpu", batch_size=batch, max_length=length
+    )
+    assert plan.total == pytest.approx(measured, rel=0.10)
+
+
+def test_cli_says_fits_or_prints_the_offload_needed():
+    run = [sys.executable, "-m", "glm.plan", "--max-length", "512"]
+    fits = subprocess.run(
+        [*run, "--config", "glm-130b-int4", "--device-memory", "24GiB"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert fits.returncode == 0 and "fits in 24.00 GiB" in fits.stdout
+    too_big = subprocess.run(
+        [*run, "--config", "glm-130b", "--device-memory", "24GiB"], cwd=REPO, capture_output=True, text=True
+    )
+    assert too_big.returncode == 1
+    assert "does NOT fit" in too_big.stdout and "with offload (--max-memory" in too_big.stdout
+    bad = subprocess.run(
+        [*run, "--config", "glm-130b", "--max-memory", "lots"], cwd=REPO, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: memory 'lots'")
