@@ -26,15 +26,15 @@ import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm.config import GLMConfig
 from glm.loading import resolve_dtype
-from glm.model import GLM, KVCache, Linear
+from glm.model import GLM, KVCache
 from glm.offload import OffloadError, OffloadPlan, format_bytes, parse_memory, plan_offload, tensor_bytes
 from glm.run_config import load_run_config
-from glm.sharding import Split, split_rule
 
 GB = 1000**3
 GIB = 1024**3
@@ -44,87 +44,54 @@ CUDA_WORKSPACE = 1 * GIB
 Transform = Callable[[GLM], GLM]
 
 
-# Stand-ins for the tensor-parallel and quantization transforms, until those land: they give the meta model
-# the shapes and dtypes the real transforms give it (glm/sharding.py's split rules; the original's INT8 /
-# INT4 layout: int8 weight [out, in * bits / 8] and an fp16 scale per output row). Swap in the real ones in
-# `run_transforms` when they exist.
-def _sharded_shape(key: str, shape: torch.Size, size: int) -> torch.Size:
-    rule = split_rule(key)
-    if rule is Split.REPLICATED or size == 1:
-        return shape
-    dim = 1 if rule is Split.COLUMNS else 0
-    if shape[dim] % size:
-        raise ValueError(f"{key}: {shape[dim]} is not divisible by tensor-parallel size {size}")
-    return torch.Size(n // size if d == dim else n for d, n in enumerate(shape))
+class _MetaAllGather:
+    """The all-gather's memory on one process: the N received parts and their concatenation."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.cat([torch.empty_like(x) for _ in range(self.world_size)], dim=-1)
 
 
-def tensor_parallel_stand_in(size: int) -> Transform:
-    def transform(model: GLM) -> GLM:
-        if size == 1:
-            return model
-        heads, vocab = model.config.num_attention_heads, model.config.vocab_size
-        if heads % size or vocab % size:
-            raise ValueError(f"tensor-parallel size {size} must divide the {heads} heads and {vocab} rows")
-        for key, param in list(model.named_parameters()):
-            owner_name, _, name = key.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            shape = _sharded_shape(key, param.shape, size)
-            owner._parameters[name] = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
-        for layer in model.transformer.layers:
-            layer.attention.num_heads //= size
-            layer.attention.dense.reduce = _identity
-            layer.mlp.dense_4h_to_h.reduce = _identity
-        model.output_layer.gather = lambda logits: logits.repeat(*[1] * (logits.dim() - 1), size)
-        return model
-
-    return transform
-
-
-def _identity(x: Tensor) -> Tensor:
+def _identity(x: Tensor) -> Tensor:  # an in-place all-reduce allocates nothing
     return x
 
 
-class _QuantizedLinearStandIn(nn.Module):
-    """The memory of a weight-only quantized linear layer; its forward materialises the dequantised weight
-    (as a prefill does), so the activation peak includes that transient."""
-
-    def __init__(self, linear: Linear, bits: int) -> None:
-        super().__init__()
-        out_features, in_features = linear.weight.shape
-        self.register_buffer("weight", torch.empty(out_features, in_features * bits // 8, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16))
-        self.bias = linear.bias
-        self.reduce = linear.reduce
-        self.in_features = in_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = torch.empty(self.weight.shape[0], self.in_features, dtype=x.dtype, device=x.device)
-        y = torch.nn.functional.linear(x, weight)
-        if self.reduce is not None:
-            y = self.reduce(y)
-        return y + self.bias
-
-
-QUANTIZED = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
-
-def quantization_stand_in(bits: int | None) -> Transform:
-    def transform(model: GLM) -> GLM:
-        if bits is None:
-            return model
-        for layer in model.transformer.layers:
-            for path in QUANTIZED:
-                parent_name, _, name = path.rpartition(".")
-                parent = layer.get_submodule(parent_name)
-                setattr(parent, name, _QuantizedLinearStandIn(getattr(parent, name), bits))
-        return model
-
-    return transform
+def _dequantizing_kernel(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """A quantized matmul's memory at its worst (prefill): the dequantised weight, then a dense matmul."""
+    dense = torch.empty(weight.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
+    return F.linear(x, dense)
 
 
 def run_transforms(tensor_parallel_size: int, bits: int | None) -> list[Transform]:
-    """The transforms a run applies before offload, in the load pipeline's order."""
-    return [tensor_parallel_stand_in(tensor_parallel_size), quantization_stand_in(bits)]
+    """The transforms a run applies before offload, in the load pipeline's order, for rank 0 (every rank
+    has the same shapes), with the collectives replaced by single-process stand-ins of equal memory so
+    the model runs on the meta device."""
+    from glm.tensor_parallel import apply_tensor_parallel
+
+    def shard(model: GLM) -> GLM:
+        apply_tensor_parallel(model, 0, tensor_parallel_size)
+        if tensor_parallel_size > 1:
+            for module in model.modules():
+                if getattr(module, "reduce", None) is not None:
+                    module.reduce = _identity
+            model.output_layer.gather = _MetaAllGather(tensor_parallel_size)
+        return model
+
+    transforms = [shard]
+    if bits is not None:
+        from quantization.transform import quantization_transform
+
+        transforms.append(quantization_transform(bits))
+    return transforms
+
+
+def _run_on_meta(model: GLM) -> GLM:
+    for module in model.modules():
+        if hasattr(module, "_kernel"):  # quantization.layers.QuantizedLinear picks its kernel lazily
+            module._kernel = _dequantizing_kernel
+    return model
 
 
 @functools.lru_cache(maxsize=4)
@@ -263,7 +230,7 @@ def plan_memory(
     # Activations do not accumulate across layers (each block hands one hidden state to the next), so two
     # layers give the peak of all of them, in a fraction of the time meta ops take.
     small = build_meta_model(dataclasses.replace(config, num_layers=min(2, config.num_layers)), transforms)
-    small.to(dtype)
+    _run_on_meta(small).to(dtype)
     small.compute_device = torch.device("meta")
     activations = activation_peak(small, KVCache.for_model(small, rows, length), rows, length, dtype)
     workspace = CUDA_WORKSPACE if device_type == "cuda" else 0

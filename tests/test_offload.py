@@ -287,3 +287,19 @@ def test_resident_memory_stays_under_the_budget(memory_checkpoint):
     assert offloaded["load_peak"] <= budget
     assert offloaded["run_peak"] <= budget + overhead + 4 * mib
     assert offloaded["run_peak"] < full["run_peak"] / 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_streams_the_quantization_transforms_packed_layers(checkpoint, bits):
+    from quantization.transform import quantization_transform
+
+    quantize_real = quantization_transform(bits)
+    reference, _ = load_model(checkpoint, dtype="float32", transforms=[quantization_transform(bits)])
+    offloaded, _ = load_model(
+        checkpoint, dtype="float32", transforms=[quantize_real, Offload("60%", "cpu", torch.float32)]
+    )
+    dtypes = {e.name: e.stored.dtype for u in offloaded.offload.units for e in u.entries}
+    assert dtypes["weight"] == torch.int8 and dtypes["weight_scale"] == torch.float16
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
+        assert torch.equal(a, b)
