@@ -1,96 +1,238 @@
-"""Fill the blanks of queries typed interactively or read from a file: `python -m glm.generate --help`."""
+"""Fill the blanks of queries typed interactively or read from a file: `python -m glm.generate --help`.
+
+Flags, the input file and the output folder are all checked before the model loads; torch is imported
+only after the flags are parsed, so `--help` and flag errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib
 import os
+import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from glm.api import ArgumentParser, add_model_arguments, load_from_args, run_cli
+from glm.files import write_text_atomic
+from glm.options import STRATEGIES, GenerationOptions, check_option
 
-from glm.api import add_model_arguments, load_from_args, run_cli
-from glm.infill import Answer, GenerationOptions, fill_blanks, prepare_query
-from glm.model import GLM
-from glm.tokenizer import GLMTokenizer
+if TYPE_CHECKING:
+    from glm.infill import Answer, GenerationStats
+    from glm.model import GLM
+    from glm.tokenizer import GLMTokenizer
 
 PROMPT = "\nPlease Input Query (stop to exit) >>> "
+DEFAULT_OUT_SEQ_LENGTH = GenerationOptions().out_seq_length
+MAX_ID_BYTES = 200  # "<id>.txt" and its temporary name must fit the usual 255-byte file-name limit
+LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
+BLANK_STYLE = {True: ("\033[4m", "\033[0m"), False: ("\x1b[0;32m\033[4m", "\033[0m\x1b[0m")}  # by gmask
+
+
+def option_type(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that parses a flag and checks it as GenerationOptions does."""
+
+    def convert(text: str) -> Any:
+        value = parse(text)
+        problem = check_option(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    convert.__name__ = parse.__name__  # argparse's "invalid int value" message
+    return convert
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="generate",
         description="Fill [MASK] (a span), [sMASK] (a sentence) and [gMASK] (an open continuation) "
         "blanks with a GLM model. A query without a mask gets [gMASK] appended.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(parser)
 
     gen = parser.add_argument_group("generation (defaults are those of the original scripts/generate.sh)")
-    defaults = GenerationOptions()
+    d = GenerationOptions()
     gen.add_argument(
-        "--sampling-strategy",
-        default=defaults.sampling_strategy,
-        choices=["BaseStrategy", "BeamSearchStrategy"],
+        "--sampling-strategy", default=d.sampling_strategy, choices=STRATEGIES, help="sampling or beams"
     )
     gen.add_argument(
-        "--out-seq-length", type=int, default=defaults.out_seq_length, help="max length, context included"
+        "--out-seq-length",
+        type=option_type("out_seq_length", int),
+        help=f"max length, context included (default: {DEFAULT_OUT_SEQ_LENGTH}; with --max-new-tokens alone, "
+        "the model's maximum)",
     )
-    gen.add_argument("--min-gen-length", type=int, default=defaults.min_gen_length, help="beam search only")
-    gen.add_argument("--num-beams", type=int, default=defaults.num_beams)
-    gen.add_argument("--length-penalty", type=float, default=defaults.length_penalty)
-    gen.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size)
+    gen.add_argument(
+        "--max-new-tokens",
+        type=option_type("max_new_tokens", int),
+        help="at most this many new tokens per blank (default: only --out-seq-length limits)",
+    )
+    gen.add_argument(
+        "--min-gen-length",
+        type=option_type("min_gen_length", int),
+        default=d.min_gen_length,
+        help="beam search",
+    )
+    gen.add_argument(
+        "--num-beams", type=option_type("num_beams", int), default=d.num_beams, help="beam search"
+    )
+    gen.add_argument(
+        "--length-penalty",
+        type=option_type("length_penalty", float),
+        default=d.length_penalty,
+        help="beam search: finished beams rank by score / ((5 + length) / 6) ** this",
+    )
+    gen.add_argument(
+        "--no-repeat-ngram-size",
+        type=option_type("no_repeat_ngram_size", int),
+        default=d.no_repeat_ngram_size,
+        help="beam search: no n-gram of this size twice (0 = off)",
+    )
     gen.add_argument(
         "--deterministic", action="store_true", help="beam search takes the top candidates, not samples"
     )
-    gen.add_argument("--temperature", type=float, default=defaults.temperature)
-    gen.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=defaults.top_k, help="0 = off")
-    gen.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=defaults.top_p, help="0 = off")
-    gen.add_argument("--seed", type=int, default=1234)
+    gen.add_argument(
+        "--temperature", type=option_type("temperature", float), default=d.temperature, help="sampling"
+    )
+    top_k = option_type("top_k", int)
+    gen.add_argument(
+        "--top_k", "--top-k", dest="top_k", type=top_k, default=d.top_k, help="sampling (0 = off)"
+    )
+    top_p = option_type("top_p", float)
+    gen.add_argument(
+        "--top_p", "--top-p", dest="top_p", type=top_p, default=d.top_p, help="sampling (0 = off)"
+    )
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="each query samples from its own generator, seeded by this and its line number (interactive: "
+        "its number in the session), so no answer depends on --batch-size or on other queries",
+    )
 
     io = parser.add_argument_group("input and output")
     io.add_argument(
-        "--input-source", default="interactive", help="'interactive' or a file with one query per line"
+        "--input-source", default="interactive", help="'interactive' or a UTF-8 file with one query per line"
     )
     io.add_argument("--output-path", default="samples", help="folder for one .txt file per query")
     io.add_argument(
         "--with-id", action="store_true", help="input lines are 'id<TAB>query'; outputs go to <id>.txt"
     )
     io.add_argument("--print-all-beams", action="store_true", help="print every beam, not only the best")
-    io.add_argument("--batch-size", type=int, default=1, help="file mode: queries generated together")
+    io.add_argument(
+        "--batch-size", type=positive_int, default=1, help="file mode: queries generated together"
+    )
     return parser
 
 
+# ---------------------------------------------------------------- checks before the model loads
+
+
+def check_output_folder(path: Path) -> None:
+    """An output folder that exists and is writable, or that can be created."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-path {path} is a file, not a folder; choose a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output-path {path}: {existing} is a file, so the folder cannot be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-path {path}: {existing} is not writable; choose another folder")
+
+
+def id_problem(query_id: str) -> str | None:
+    """Why an id cannot name an output file, or None."""
+    if not query_id:
+        return "is empty"
+    if any(c in query_id for c in ("/", "\\", "\0")) or ".." in query_id or query_id == ".":
+        return "is not a plain file name (no '/', '\\' or '..')"
+    if len(query_id.encode()) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def split_id(line: str, with_id: bool, where: str) -> tuple[str | None, str]:
+    """(id, query) of an input line; `where` names the line in errors."""
+    if not with_id:
+        return None, line
+    if "\t" not in line:
+        raise ValueError(f"{where}: --with-id expects 'id<TAB>query'")
+    query_id, text = line.split("\t", 1)
+    problem = id_problem(query_id)
+    if problem:
+        raise ValueError(f"{where}: the id {query_id!r} {problem}; ids name the output files")
+    if not text.strip():
+        raise ValueError(f"{where}: no query after the id {query_id!r}")
+    return query_id, text.strip()
+
+
+def read_queries(path: Path, with_id: bool) -> list[tuple[int, str | None, str]]:
+    """(line number, id, query) of every non-blank line of a UTF-8 file, with ids checked."""
+    if not path.is_file():
+        raise ValueError(f"--input-source {path}: no such file (or use 'interactive')")
+    queries, first_line = [], {}
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff" if n == 1 else "").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                "line); save the file as UTF-8"
+            ) from None
+        if not line:
+            continue
+        query_id, text = split_id(line, with_id, f"{path} line {n}")
+        if query_id is not None:
+            if query_id in first_line:
+                raise ValueError(
+                    f"{path} line {n}: the id {query_id!r} is already used on line {first_line[query_id]}; "
+                    "ids name the output files, so each must be unique"
+                )
+            first_line[query_id] = n
+        queries.append((n, query_id, text))
+    if not queries:
+        raise ValueError(f"{path} holds no queries (it is empty or blank); write one query per line")
+    return queries
+
+
+# ---------------------------------------------------------------- output
+
+
+def one_line(text: str) -> str:
+    """The text as one line (line breaks become spaces), as printed and saved."""
+    return LINE_BREAKS.sub(" ", text)
+
+
 def style(answer: Answer, tokenizer: GLMTokenizer, gmask: bool, color: bool) -> str:
-    """The answer's text with its blanks underlined (green for [MASK]/[sMASK]), as the original prints it."""
-    if not color:
-        return answer.text(tokenizer)
-    start, end = ("\033[4m", "\033[0m") if gmask else ("\x1b[0;32m\033[4m", "\033[0m\x1b[0m")
-    pieces, last = [], 0
-    for s, e in answer.spans:
-        pieces += [
-            tokenizer.detokenize(answer.ids[last:s]),
-            start + tokenizer.detokenize(answer.ids[s:e]) + end,
-        ]
-        last = e
-    pieces.append(tokenizer.detokenize(answer.ids[last:]))
-    text = pieces[0] if pieces else ""
-    for piece in pieces[1:]:  # sentencepiece drops the leading space of each piece; restore it for English
-        text += (" " if text.isascii() and piece.isascii() and text and piece else "") + piece
-    return text
+    """The answer as one line, its blanks underlined (green for [MASK]/[sMASK]) when `color`, as the
+    original prints it; without color, exactly the line saved to the file."""
+    start, end = BLANK_STYLE[gmask]
+    return "".join(
+        start + one_line(t) + end if blank and color else one_line(t)
+        for t, blank in answer.segments(tokenizer)
+    )
 
 
 def write_answers(path: Path, answers: list[Answer], tokenizer: GLMTokenizer) -> None:
-    """One line per answer, written to a temporary file first so a failure leaves no partial output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for answer in answers:
-            f.write(" ".join(answer.text(tokenizer).splitlines()) + "\n")  # one line per answer
-    os.replace(tmp, path)
+    """One line per answer; the file appears complete or not at all. Only rank 0 of a job writes."""
+    from glm.distributed import is_main
+
+    if not is_main():
+        return
+    write_text_atomic(path, "".join(one_line(a.text(tokenizer)) + "\n" for a in answers))
 
 
 def output_file(output_path: Path, query: str, query_id: str | None) -> Path:
@@ -104,19 +246,33 @@ def output_file(output_path: Path, query: str, query_id: str | None) -> Path:
     return path
 
 
-def split_id(line: str, with_id: bool, line_no: int) -> tuple[str | None, str]:
-    if not with_id:
-        return None, line
-    if "\t" not in line:
-        raise ValueError(f"line {line_no}: --with-id expects 'id<TAB>query'")
-    query_id, text = line.split("\t", 1)
-    return query_id, text
+def query_seed(seed: int, number: int) -> int:
+    """The seed of query `number` (its line, or its number in an interactive session)."""
+    return seed * 1_000_003 + number
+
+
+def report_speed(stats: GenerationStats) -> None:
+    from glm.distributed import is_main
+
+    if not is_main():
+        return
+    first = "-" if stats.first_token_seconds is None else f"{stats.first_token_seconds:.2f} s"
+    print(
+        f"{stats.new_tokens} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s, "
+        f"first token after {first}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------- the two modes
 
 
 def main(args: argparse.Namespace) -> int:
     options = GenerationOptions(
         sampling_strategy=args.sampling_strategy,
-        out_seq_length=args.out_seq_length,
+        out_seq_length=args.out_seq_length or DEFAULT_OUT_SEQ_LENGTH,
+        max_new_tokens=args.max_new_tokens,
         min_gen_length=args.min_gen_length,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
@@ -126,98 +282,160 @@ def main(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         deterministic=args.deterministic,
     )
-    if args.input_source != "interactive" and not Path(args.input_source).is_file():
-        raise FileNotFoundError(f"--input-source {args.input_source}: no such file (or use 'interactive')")
+    output_path = Path(args.output_path)
+    check_output_folder(output_path)
+    queries = (
+        None if args.input_source == "interactive" else read_queries(Path(args.input_source), args.with_id)
+    )
+
     model, tokenizer = load_from_args(args)
-    if options.out_seq_length > model.config.max_sequence_length:
+    max_length = model.config.max_sequence_length
+    if args.out_seq_length is None and args.max_new_tokens is not None:
+        options = dataclasses.replace(options, out_seq_length=max_length)
+    if options.out_seq_length > max_length:
         raise ValueError(
             f"--out-seq-length {options.out_seq_length} exceeds the model's maximum sequence length "
-            f"{model.config.max_sequence_length}"
+            f"{max_length}"
         )
-    torch.manual_seed(args.seed)
-    output_path = Path(args.output_path)
-    color = sys.stdout.isatty()
+    session = Session(model, tokenizer, options, args, output_path)
+    if queries is None:
+        return session.interactive()
+    return session.from_file(queries)
 
-    def show(text: str, answers: list[Answer]) -> None:
-        gmask = prepare_query(text, tokenizer).use_gmask
-        if args.print_all_beams and len(answers) > 1:
+
+class Session:
+    """A loaded model and the flags: answers queries, prints them and writes their files."""
+
+    def __init__(
+        self,
+        model: GLM,
+        tokenizer: GLMTokenizer,
+        options: GenerationOptions,
+        args: argparse.Namespace,
+        output_path: Path,
+    ) -> None:
+        self.model, self.tokenizer, self.options, self.args = model, tokenizer, options, args
+        self.output_path = output_path
+        self.color = sys.stdout.isatty()
+
+    def fill(self, texts: list[str], numbers: list[int], on_text=None) -> tuple[list[list[Answer]], Any]:
+        from glm import infill
+
+        stats = infill.GenerationStats()
+        seeds = [query_seed(self.args.seed, n) for n in numbers]
+        answers = infill.fill_blanks(self.model, self.tokenizer, texts, self.options, on_text, seeds, stats)
+        return answers, stats
+
+    def show(self, text: str, answers: list[Answer]) -> None:
+        from glm.infill import prepare_query
+
+        gmask = prepare_query(text, self.tokenizer).use_gmask
+        if self.args.print_all_beams and len(answers) > 1:
             for i, answer in enumerate(answers):
-                print(f"Output beam {i}: {style(answer, tokenizer, gmask, color)}")
+                print(f"Output beam {i}: {style(answer, self.tokenizer, gmask, self.color)}")
         else:
-            print(f"Output: {style(answers[0], tokenizer, gmask, color)}")
+            print(f"Output: {style(answers[0], self.tokenizer, gmask, self.color)}")
 
-    if args.input_source == "interactive":
-        return interactive(model, tokenizer, options, args, output_path, show)
-    return from_file(model, tokenizer, options, args, output_path, show)
+    def interactive(self) -> int:
+        """Ask for queries until `stop`, end of input or Ctrl-C at the prompt (exit status 130). Ctrl-C while
+        generating cancels that answer and asks for the next query."""
+        from glm.distributed import input_on_main
 
+        if sys.stdin.isatty():
+            enable_line_editing()
+        used: dict[str, int] = {}
+        number = 0
+        while True:
+            try:
+                line = input_on_main(PROMPT).strip()  # rank 0 reads; every rank of a job gets it
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                return 130
+            if line == "stop":
+                return 0
+            if not line:
+                print("Query should not be empty!")
+                continue
+            number += 1
+            try:
+                query_id, text = split_id(line, self.args.with_id, f"query {number}")
+                if query_id in used:
+                    raise ValueError(
+                        f"query {number}: the id {query_id!r} is already used by query {used[query_id]}; "
+                        "ids name the output files, so each must be unique"
+                    )
+                self.answer_one(number, query_id, text)
+                if query_id is not None:
+                    used[query_id] = number
+            except ValueError as e:  # a bad query: say why and ask for the next one
+                print(f"error: {e}")
+            except KeyboardInterrupt:
+                print("cancelled (Ctrl-C at the prompt exits)")
 
-def interactive(
-    model: GLM,
-    tokenizer: GLMTokenizer,
-    options: GenerationOptions,
-    args: argparse.Namespace,
-    output_path: Path,
-    show: Callable[[str, list[Answer]], None],
-) -> int:
-    while True:
-        try:
-            line = input(PROMPT).strip()
-        except EOFError:
-            print()
-            return 0
-        if line == "stop":
-            return 0
-        if not line:
-            print("Query should not be empty!")
-            continue
+    def answer_one(self, number: int, query_id: str | None, text: str) -> None:
+        from glm.infill import prepare_query
+
         start = time.time()
-        try:
-            query_id, text = split_id(line, args.with_id, 1)
-            print("Generating: ", end="", flush=True)
-            (answers,) = fill_blanks(
-                model, tokenizer, [text], options, on_text=lambda t, _: print(t, end="", flush=True)
-            )
-            print()
-        except ValueError as e:  # a bad query: say why and ask for the next one
-            print(f"\nerror: {e}")
-            continue
-        show(text, answers)
-        write_answers(output_file(output_path, text, query_id), answers, tokenizer)
+        self.check_room(text, f"query {number}")
+        streaming = self.options.sampling_strategy == "BaseStrategy"
+        if streaming:  # the Output line is written as it is generated
+            gmask = prepare_query(text, self.tokenizer).use_gmask
+            print("Output: ", end="", flush=True)
+            opening, closing = BLANK_STYLE[gmask]
+
+            def on_text(piece: str, blank: bool) -> None:
+                piece = one_line(piece)
+                print(opening + piece + closing if blank and self.color else piece, end="", flush=True)
+
+            try:
+                (answers,), stats = self.fill([text], [number], on_text)
+            finally:
+                print()
+        else:
+            print("Generating ...", flush=True)
+            (answers,), stats = self.fill([text], [number])
+            self.show(text, answers)
+        write_answers(output_file(self.output_path, text, query_id), answers, self.tokenizer)
+        report_speed(stats)
         print(f"Taken time {time.time() - start:.2f}")
 
+    def check_room(self, text: str, where: str) -> None:
+        """A query that leaves room to generate under --out-seq-length."""
+        from glm.infill import prepare_query
 
-def from_file(
-    model: GLM,
-    tokenizer: GLMTokenizer,
-    options: GenerationOptions,
-    args: argparse.Namespace,
-    output_path: Path,
-    show: Callable[[str, list[Answer]], None],
-) -> int:
-    path = Path(args.input_source)
-    queries = []
-    for n, raw in enumerate(path.read_text().splitlines(), start=1):
-        if raw.strip():
-            queries.append((n, *split_id(raw.strip(), args.with_id, n)))
-    # Check every query before generating anything, so a bad line does not cost a half-finished run.
-    for n, _, text in queries:
-        length = len(prepare_query(text, tokenizer).ids) + 1
-        if length >= options.out_seq_length:
+        length = len(prepare_query(text, self.tokenizer).ids) + 1
+        if length >= self.options.out_seq_length:
             raise ValueError(
-                f"{path} line {n}: the query is {length} tokens, which leaves no room under --out-seq-length "
-                f"{options.out_seq_length}; shorten it or raise --out-seq-length"
+                f"{where}: the query is {length} tokens with sop, which leaves no room under "
+                f"--out-seq-length {self.options.out_seq_length}; shorten it or raise --out-seq-length"
             )
-    for i in range(0, len(queries), args.batch_size):
-        batch = queries[i : i + args.batch_size]
-        start = time.time()
-        print(f"Working on No. {batch[0][0]}" + (f"-{batch[-1][0]}" if len(batch) > 1 else "") + "...")
-        results = fill_blanks(model, tokenizer, [text for _, _, text in batch], options)
-        for (_, query_id, text), answers in zip(batch, results, strict=True):
-            print(f"Input: {text}")
-            show(text, answers)
-            write_answers(output_file(output_path, text, query_id), answers, tokenizer)
-        print(f"Taken time {time.time() - start:.2f}")
-    return 0
+
+    def from_file(self, queries: list[tuple[int, str | None, str]]) -> int:
+        # Check every query's length before generating anything, so a bad line costs no half-finished run.
+        for n, _, text in queries:
+            self.check_room(text, f"{self.args.input_source} line {n}")
+        size = self.args.batch_size
+        for i in range(0, len(queries), size):
+            batch = queries[i : i + size]
+            start = time.time()
+            print(f"Working on No. {batch[0][0]}" + (f"-{batch[-1][0]}" if len(batch) > 1 else "") + "...")
+            results, stats = self.fill([text for _, _, text in batch], [n for n, _, _ in batch])
+            for (_, query_id, text), answers in zip(batch, results, strict=True):
+                print(f"Input: {text}")
+                self.show(text, answers)
+                write_answers(output_file(self.output_path, text, query_id), answers, self.tokenizer)
+            report_speed(stats)
+            print(f"Taken time {time.time() - start:.2f}")
+        return 0
+
+
+def enable_line_editing() -> None:
+    """Line editing and history for input() (readline), where the platform has it."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("readline")
 
 
 def cli(argv: list[str] | None = None) -> None:

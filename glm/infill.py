@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm.decoding import generate
+from glm.engine import Engine, Output, Request
 from glm.model import GLM
 from glm.options import GenerationOptions
 from glm.strategies import BaseStrategy, BeamSearchStrategy, Generators
@@ -228,45 +228,58 @@ def fill_blanks(
     )
 
     # answers[i]: query i's beams so far; later blanks are conditioned on beam 0 only, as in the original.
+    # Each blank is one engine request with its own budget and generator, so a text's answer is what it
+    # would be alone; a text's next blank joins the running batch as soon as its previous one is done.
     answers = [[Answer(q.ids, unfilled=q.unfilled)] for q in queries]
-    while True:
-        active = [i for i, q in enumerate(queries) if q.mask_id in answers[i][0].ids]
-        if not active:
-            break
-        contexts = [[*answers[i][0].ids, sop] for i in active]
-        positions = [answers[i][0].ids.index(queries[i].mask_id) for i in active]
+    width = options.num_beams if options.sampling_strategy == "BeamSearchStrategy" else 1
+    engine = Engine(model, groups=len(texts), width=width, max_length=options.out_seq_length)
+    finished: list[Request] = []
+
+    def next_blank(i: int) -> Request | None:
+        best = answers[i][0]
+        if queries[i].mask_id not in best.ids:
+            return None
+        context = [*best.ids, sop]
+        position = best.ids.index(queries[i].mask_id)
         # out_seq_length counts the context, as in the original; max_new_tokens counts the blank alone.
-        limit = options.max_new_tokens or options.out_seq_length
-        budgets = [min(options.out_seq_length - len(c), limit) for c in contexts]
-        if min(budgets) < 1:
+        budget = min(options.out_seq_length - len(context), options.max_new_tokens or options.out_seq_length)
+        if budget < 1:
             raise ValueError(
-                f"after filling earlier blanks the context is {max(len(c) for c in contexts)} tokens, which "
-                f"leaves no room under out_seq_length {options.out_seq_length}; raise --out-seq-length"
+                f"after filling earlier blanks the context is {len(context)} tokens, which leaves no room "
+                f"under out_seq_length {options.out_seq_length}; raise --out-seq-length"
             )
-        mask_positions = [None if queries[i].use_gmask else p for i, p in zip(active, positions, strict=True)]
-        round_generators = None
-        if seeds is not None:  # a generator per sample and blank, so no draw of a neighbour or of the
-            # steps a batch runs past a sample's own budget shifts the sample's next blank
-            blank_index = [len(answers[i][0].spans) for i in active]
-            round_generators = [
-                torch.Generator(model.device).manual_seed(_blank_seed(seeds[i], k))
-                for i, k in zip(active, blank_index, strict=True)
-            ]
-        strategy = make_strategy(options, len(active), end_tokens, invalid, round_generators)
-        stream = streamer is not None and active[0] == 0
-        shown = streamer if stream else None
-        on_step = _step_watcher(stats, started, answers[0][0], positions[0], end_tokens, shown)
-        outputs = generate(model, contexts, strategy, max(budgets), mask_positions, on_step)
-        per_sample = zip(active, contexts, positions, budgets, outputs, strict=True)
-        for i, context, position, budget, outs in per_sample:
+        generator = None
+        if seeds is not None:  # a generator per sample and blank
+            generator = torch.Generator(model.device).manual_seed(_blank_seed(seeds[i], len(best.spans)))
+        shown = streamer if streamer is not None and i == 0 else None
+        return Request(
+            context,
+            make_strategy(options, 1, end_tokens, invalid, generator),
+            budget,
+            mask_position=None if queries[i].use_gmask else position,
+            on_step=_step_watcher(stats, started, best, position, end_tokens, shown),
+            on_finish=finished.append,
+            tag=(i, position),
+        )
+
+    for i in range(len(queries)):
+        request = next_blank(i)
+        if request is not None:
+            engine.submit(request)
+    while engine.busy:
+        engine.step()
+        while finished:
+            request = finished.pop(0)
+            if request.error is not None:
+                raise request.error
+            i, position = request.tag
             best = answers[i][0]
-            answers[i] = []
-            for out in outs or [context]:  # a search that kept no beam fills the blank with nothing
-                blank = out[len(context) : len(context) + budget]  # each sample's own budget
-                if blank and blank[-1] in end_tokens:
-                    blank = blank[:-1]
-                answers[i].append(best.fill(position, blank))
-                stats.new_tokens += len(blank) if len(answers[i]) == 1 else 0  # the best answer's tokens
+            # a search that kept no beam fills the blank with nothing
+            answers[i] = [best.fill(position, out.ids) for out in request.outputs or [Output([], "stop")]]
+            stats.new_tokens += len(request.outputs[0].ids) if request.outputs else 0  # the best answer's
+            following = next_blank(i)
+            if following is not None:
+                engine.submit(following)
     for query_answers in answers:
         for answer in query_answers:
             if answer.ids and answer.ids[-1] == tokenizer.eos_id:
@@ -299,14 +312,14 @@ def _step_watcher(
     position: int,
     end_tokens: list[int],
     streamer: _Streamer | None,
-) -> Callable[[torch.Tensor], None]:
+) -> Callable[[Request], None]:
     """An on_step callback that records the time to the first token and streams the first sample."""
 
-    def on_step(generated: torch.Tensor) -> None:  # [B, beams, g]
+    def on_step(request: Request) -> None:
         if stats.first_token_seconds is None:
             stats.first_token_seconds = time.perf_counter() - started
         if streamer is not None:
-            blank = _generated(generated[0, 0].tolist(), end_tokens)
+            blank = _generated(request.generated(0), end_tokens)
             streamer.show(best.fill(position, blank), position + len(blank))
 
     return on_step

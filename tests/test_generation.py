@@ -352,3 +352,37 @@ def test_max_new_tokens_bounds_each_blank(tiny_model):
     torch.manual_seed(0)
     ((answer,),) = fill_blanks(model, tok, ["A [MASK] model fills [MASK] blanks."], options)
     assert [e - s for s, e in answer.spans] == [3, 3]  # near-uniform sampling rarely ends within 3 tokens
+
+
+def test_only_exact_mask_tokens_are_masks(tiny_model):
+    # The original tested the substring "MASK]", so "[XMASK]" counted as a mask and nothing was generated.
+    _, tok = tiny_model
+    gmask = tok.get_command("[gMASK]")
+    query = prepare_query("Hello [XMASK] world", tok)
+    assert query.use_gmask and query.ids == [*tok.tokenize_with_masks("Hello [XMASK] world", True), gmask]
+    query = prepare_query("Hello [XMASK]", tok)  # no real mask at the end: [gMASK] appended, no eos
+    assert query.ids[-1] == gmask and tok.eos_id not in query.ids
+    query = prepare_query("Hello [MASK] and [XMASK]", tok)  # ends in text: eos appended
+    assert query.ids[-1] == tok.eos_id and not query.use_gmask
+
+
+def test_unfilled_masks_are_shown_as_typed(tiny_model):
+    model, tok = tiny_model
+    options = GenerationOptions(top_k=1, top_p=0.0, out_seq_length=40)
+    ((answer,),) = fill_blanks(model, tok, ["Start [sMASK] then [MASK] and [gMASK] end."], options)
+    text = answer.text(tok)
+    (blank,) = answer.blanks(tok)
+    assert text.startswith("Start [sMASK] then") and text.endswith("and [gMASK] end.")
+    assert blank.strip() in text and "[[" not in text
+
+
+def test_streamed_pieces_add_up_to_the_answer(tiny_model):
+    model, tok = tiny_model
+    pieces = []
+    options = GenerationOptions(temperature=0.8, top_p=0.0, out_seq_length=60)
+    text = "The river [MASK] the [sMASK] town, and the [MASK] was cold."
+    ((answer,),) = fill_blanks(model, tok, [text], options, lambda t, b: pieces.append((t, b)), seeds=[3])
+    assert "".join(t for t, _ in pieces) == answer.text(tok)
+    streamed_blanks = "".join(t for t, blank in pieces if blank)
+    assert streamed_blanks == "".join(t for t, blank in answer.segments(tok) if blank)
+    assert len(answer.spans) == 2 and len(pieces) > 4  # the text grew step by step, blanks and all
