@@ -350,3 +350,48 @@ def test_done_element_stops_and_ignores_live_beams():
     tokens, _ = s.forward(table[None, None, 0], torch.tensor([[[0]]]))
     assert s.is_done
     assert sorted(s.finalize(tokens)[0]) == [[0, 3], [0, 4]]
+
+
+# ---------------------------------------------------------------- batches: padding and per-element generators
+
+
+def test_left_padding_changes_nothing_given_context_lengths():
+    # A padded element (context_lengths says where its own tokens start) gets what it gets alone: the length
+    # penalty counts its own length and its n-gram keys never include the padding.
+    table = random_table(3)
+    prompts = [[1, 2, 0, 1], [2, 1]]
+
+    def strategy(batch):
+        return BeamSearchStrategy(
+            batch, 2, length_penalty=2.0, consider_end=True, end_tokens=END, no_repeat_ngram_size=2,
+            deterministic=True,
+        )  # fmt: skip
+
+    pad = 9  # a token id that never occurs, so padding would show in any key or length it leaks into
+    padded = torch.tensor([prompts[0], [pad, pad, *prompts[1]]])[:, None, :]  # [2, 1, 4]
+    s, tokens = strategy(2), padded
+    for _ in range(6):
+        tokens, _ = s.forward(table[tokens[..., -1].clamp(max=V - 1)], tokens, [4, 2])
+        if s.is_done:
+            break
+    batched = s.finalize(tokens)
+    assert batched[0] == decode(strategy(1), table, prompts[:1], 6)[0]
+    assert [beam[2:] for beam in batched[1]] == decode(strategy(1), table, prompts[1:], 6)[0]
+
+
+def test_per_element_generators_make_sampling_batch_invariant():
+    logits = torch.randn(3, 1, 50, generator=torch.Generator().manual_seed(1))
+    tokens = torch.zeros(3, 1, 1, dtype=torch.long)
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batched = BaseStrategy(3, top_k=0, generator=generators([4, 5, 6])).forward(logits, tokens)[0]
+    for b, seed in enumerate([4, 5, 6]):
+        alone = BaseStrategy(1, top_k=0, generator=generators([seed])).forward(logits[b : b + 1], tokens[:1])[
+            0
+        ]
+        assert torch.equal(batched[b], alone[0])
+    scores = torch.randn(2, 30, generator=torch.Generator().manual_seed(2))
+    both = sample_without_replacement(scores, 5, generators([7, 8]))
+    assert torch.equal(both[1], sample_without_replacement(scores[1:], 5, generators([8]))[0])
