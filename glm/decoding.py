@@ -1,4 +1,4 @@
-"""Batched incremental decoding with a static KV cache: one prefill, then one token per step.
+"""Batched decoding with a static KV cache: each context prefilled, then one token per step (glm.engine).
 
 The inputs follow GLM-130B's blank infilling: the context (ending in `sop`) is bidirectional except for
 `sop`, which with everything generated after it is causal; positions are linear for `[gMASK]` and all equal
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from glm.distributed import synchronized
+from glm.engine import Rows, context_inputs, generated_position
 from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 
@@ -89,52 +90,55 @@ def generate(
 ) -> list[list[list[int]]]:
     """Generate up to max_gen_length tokens after each context (each ending in `sop`).
 
-    `strategy` is a BaseStrategy or BeamSearchStrategy (glm.strategies). `on_step` receives the generated
-    tokens so far, [B, beams, g], after every step (for streaming). Returns, per context, its output beams
-    best first: the context followed by the generated tokens (an end token, if produced, included).
+    `strategy` is a BaseStrategy or BeamSearchStrategy (glm.strategies) over the whole batch. `on_step`
+    receives the generated tokens so far, [B, beams, g], after every step (for streaming). Returns, per
+    context, its output beams best first: the context followed by the generated tokens (an end token, if
+    produced, included). Runs on the engine's rows (glm.engine): context i in group i, its beams in the
+    group's rows, each context prefilled alone, beams reordered through the mask.
     """
     if max_gen_length < 1:
         raise ValueError(f"max_gen_length must be at least 1, got {max_gen_length}")
+    if not contexts or any(len(c) == 0 for c in contexts):
+        raise ValueError("every context needs at least the sop token")
     if mask_positions is None:
         mask_positions = [None] * len(contexts)
     strategy = synchronized(strategy)  # tensor parallel: rank 0 decides each step for every rank
     device = model.device
-    inputs = build_inputs(contexts, max_gen_length, mask_positions, device, unidirectional)
-    batch, padded = inputs.tokens.shape
-    total = padded + max_gen_length
-    cache = model.new_cache(batch * strategy.num_beams, total)
-
-    # Prefill the whole padded context; each sample's next-token logits sit at its own sop.
-    logits = model(
-        inputs.tokens,
-        inputs.position_ids[:, :padded],
-        inputs.attention_mask[:, :, :padded, :padded],
-        cache,
-        logits_at=(inputs.context_lengths - 1)[:, None],
-    )  # [B, 1, V]
+    batch, beams = len(contexts), strategy.num_beams
+    lengths = [len(c) for c in contexts]
+    padded = max(lengths)
+    rows = Rows(model, batch, beams, padded + max_gen_length)
+    logits = torch.stack(
+        [
+            rows.prefill(i, 0, context, *context_inputs(n, mask_position, unidirectional))
+            for i, (context, n, mask_position) in enumerate(
+                zip(contexts, lengths, mask_positions, strict=True)
+            )
+        ]
+    )[:, None]  # [B, 1, V]: each context's next-token logits at its own sop
     # The strategy sees each context left-aligned to the generated tokens (padding first) and its length,
-    # so it can tell a sample's own tokens from the padding; the model keeps the right-padded layout.
-    lengths = inputs.context_lengths.tolist()
+    # so it can tell a sample's own tokens from the padding.
     tokens = torch.full((batch, 1, padded), PAD_TOKEN, dtype=torch.long, device=device)  # [B, 1, P]
-    for i, n in enumerate(lengths):
-        tokens[i, 0, padded - n :] = inputs.tokens[i, :n]
-    rows = torch.arange(batch, device=device)  # sample of each cache row
-    for column in range(padded, total):
-        if column > padded:
-            last = tokens[:, :, -1].reshape(-1, 1).clamp(min=0)  # finished rows hold -1; feed anything
-            logits = model(
-                last,
-                inputs.position_ids[rows, column - 1 : column],
-                inputs.attention_mask[rows, :, column - 1 : column, :column],
-                cache,
-            )  # [B*beams, 1, V]
+    for i, (context, n) in enumerate(zip(contexts, lengths, strict=True)):
+        tokens[i, 0, padded - n :] = torch.tensor(context, device=device)
+    # [B, G] position of generated token j; [B, 1] its cache column is the sample's own length + j
+    positions = torch.tensor(
+        [
+            [generated_position(n, m, j) for j in range(max_gen_length)]
+            for n, m in zip(lengths, mask_positions, strict=True)
+        ],
+        device=device,
+    )
+    columns = torch.tensor(lengths, device=device)[:, None]
+    for j in range(max_gen_length):
+        if j > 0:
+            last = tokens[:, :, -1].clamp(min=0)  # [B, beams]; finished rows hold -1: feed anything
+            step = (positions[:, j - 1 : j].expand(-1, beams), (columns + j - 1).expand(-1, beams))
+            logits = rows.decode_one_token(last, *step)  # [B, beams, V]
         beams_before = tokens.shape[1]
         tokens, source = strategy.forward(logits.view(batch, beams_before, -1), tokens, lengths)
-        beams = tokens.shape[1]
-        if source is not None:
-            offsets = torch.arange(batch, device=device)[:, None] * beams_before
-            cache.reorder((offsets + source.to(device)).flatten())
-        rows = torch.arange(batch, device=device).repeat_interleave(beams)
+        if source is not None:  # each new beam continues its source beam's rows: a mask copy
+            rows.reorder(source)
         if on_step is not None:
             on_step(tokens[:, :, padded:])
         if strategy.is_done:

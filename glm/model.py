@@ -1,14 +1,14 @@
 """The GLM-130B architecture in plain PyTorch.
 
 Post-LN DeepNorm blocks, 1-D rotary embeddings on the whole head (half-split layout), per-head [q|k|v]
-projections, fp32 softmax with query-key layer scaling, GeGLU, a final LayerNorm and an output layer tied
-to the word embeddings. Module names equal the original checkpoint's keys, so its state dicts load as they
-are. The model knows nothing of ranks, devices or quantization: those are transforms applied to it.
+projections, attention through `F.scaled_dot_product_attention`, GeGLU, a final LayerNorm and an output
+layer tied to the word embeddings. Module names equal the original checkpoint's keys, so its state dicts
+load as they are. The model knows nothing of ranks, devices or quantization: those are transforms applied
+to it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -16,10 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glm.config import GLMConfig
-
-# The original fills masked attention scores with -10000 (not -inf), so a fully masked row (padding) gets a
-# uniform distribution instead of NaN.
-MASKED_SCORE = -10000.0
 
 
 class KVCache:
@@ -147,13 +143,13 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, nh, s, hn]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [b, nh, t, hn]
-        # Query-key layer scaling: divide by c before the product, multiply back in fp32 for the softmax.
-        c = self.layer_id + 1
-        scores = torch.matmul(q / (math.sqrt(hn) * c), k.transpose(-1, -2))  # [b, nh, s, t]
-        scores.masked_fill_(mask, MASKED_SCORE)  # in place: the scores are the largest tensor here
-        probs = torch.softmax(scores.float().mul_(c), dim=-1).to(v.dtype)
-        context = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, nh * hn)
-        return self.dense(context)
+        # The original's query-key layer scaling (scores divided by the layer number, multiplied back in fp32)
+        # only guards fp16 scores against overflow; SDPA computes softmax(q k^T / sqrt(hn)) with fp32
+        # accumulation, the same math, without materialising [b, nh, s, t] scores. Masked scores get no
+        # weight (the original's -10000 fill underflows to 0 in the softmax); a fully masked row (padding,
+        # never read) gives zeros instead of the original's uniform average.
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)  # [b, nh, s, hn]
+        return self.dense(context.transpose(1, 2).reshape(b, s, nh * hn))
 
 
 class GeGLU(nn.Module):
