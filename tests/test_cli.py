@@ -450,3 +450,15 @@ def test_interactive_line_editing_and_history_on_a_terminal(tiny_checkpoint, tmp
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(list((tmp_path / "out").iterdir())) == 1  # only "stpo" was answered
+
+
+def test_device_defaults_to_auto_which_is_cuda_when_present(monkeypatch):
+    from glm.api import resolve_device
+
+    assert build_parser().parse_args([]).device is None  # unset: load_from_args takes "auto"
+    (device,) = [a for a in build_parser()._actions if "--device" in a.option_strings]
+    assert device.help.startswith("auto (CUDA when present") and device.help.endswith("(default: auto)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
