@@ -136,9 +136,11 @@ def main() -> None:
     parser.add_argument("--prefill-length", type=int, default=512, help="0 skips the long prefill")
     parser.add_argument("--prefill-repeats", type=int, default=1)
     parser.add_argument("--bandwidth-runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     config = get_preset(args.preset)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
