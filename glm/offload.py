@@ -44,7 +44,7 @@ from glm.loading import assign_weight
 
 # The blocks' submodules that are streamed, each a unit of its own, in forward order.
 STREAMED_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-NUM_BUFFERS = 2
+DEFAULT_BUFFERS = 2
 _PAGE = mmap.PAGESIZE
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _SLOT_ALIGN = 64  # tensor views into a buffer start at a multiple of this
@@ -125,6 +125,7 @@ class OffloadPlan:
     resident_bytes: int  # all resident weights, fixed included
     streamed_bytes: int  # read per forward pass
     buffer_bytes: int  # the streaming buffers
+    buffers: int  # their number
 
     @property
     def device_bytes(self) -> int:
@@ -136,9 +137,12 @@ class OffloadPlan:
         return len({name.split(".")[2] for name in self.streamed_units})
 
 
-def plan_offload(model: nn.Module, max_memory: str | int | None, dtype: torch.dtype) -> OffloadPlan:
+def plan_offload(
+    model: nn.Module, max_memory: str | int | None, dtype: torch.dtype, buffers: int = DEFAULT_BUFFERS
+) -> OffloadPlan:
     """Keep the fixed weights and then units in forward order while they fit in `max_memory` together with
-    the streaming buffers; stream the rest. No budget, or one the whole model fits in, streams nothing."""
+    `buffers` streaming buffers; stream the rest. No budget, or one the whole model fits in, streams
+    nothing. More buffers fetch further ahead (steadier reads when the CPU is busy) but keep less resident."""
     units = streamable_units(model)
     sizes = [unit_bytes(m, dtype) for _, m in units]
     total = sum(tensor_bytes(t, dtype) for t in [*model.parameters(), *model.buffers()])
@@ -147,14 +151,16 @@ def plan_offload(model: nn.Module, max_memory: str | int | None, dtype: torch.dt
     names = tuple(name for name, _ in units)
     budget = None if max_memory is None else parse_memory(max_memory, total)
     if budget is None or budget >= total:
-        return OffloadPlan(budget, total, fixed, names, (), total, 0, 0)
-    buffers = NUM_BUFFERS * max(sizes)
+        return OffloadPlan(budget, total, fixed, names, (), total, 0, 0, 0)
+    if buffers < 2:
+        raise ValueError(f"offload needs at least 2 streaming buffers, got {buffers}")
+    count, buffers = buffers, buffers * max(sizes)
     room = budget - fixed - buffers
     if room < 0:
         raise OffloadError(
             f"--max-memory {format_bytes(budget)} is below the minimum for streaming this model: "
             f"{format_bytes(fixed + buffers)} ({format_bytes(fixed)} embedding and LayerNorms stay resident, "
-            f"plus {NUM_BUFFERS} buffers of {format_bytes(max(sizes))}); raise it or quantize"
+            f"plus {count} buffers of {format_bytes(max(sizes))}); raise it or quantize"
         )
     resident = 0
     while resident < len(units) and sizes[resident] <= room:
@@ -171,6 +177,7 @@ def plan_offload(model: nn.Module, max_memory: str | int | None, dtype: torch.dt
         total - streamed_bytes,
         streamed_bytes,
         buffers if resident < len(units) else 0,
+        count if resident < len(units) else 0,
     )
 
 
@@ -308,11 +315,11 @@ def _close_and_remove(fd: int, path: Path) -> None:
 class PinnedStore:
     """Streamed tensors in pinned CPU memory, copied to the GPU on a copy stream."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, buffers: int) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.ready = [torch.cuda.Event() for _ in range(NUM_BUFFERS)]
-        self.free = [torch.cuda.Event() for _ in range(NUM_BUFFERS)]
+        self.ready = [torch.cuda.Event() for _ in range(buffers)]
+        self.free = [torch.cuda.Event() for _ in range(buffers)]
         self.read_seconds = float("nan")  # asynchronous: not measured per copy
 
     def put(self, entry: _Entry, value: Tensor) -> None:
@@ -352,8 +359,8 @@ class WeightStreamer:
         modules = dict(streamable_units(model))
         self.units = [_Unit(name, modules[name]) for name in plan.streamed_units]
         self.buffers: list[Tensor] | None = None
-        self.holding: list[int | None] = [None] * NUM_BUFFERS  # unit index each buffer holds or receives
-        self.pending: list[object] = [None] * NUM_BUFFERS
+        self.holding: list[int | None] = []  # per buffer: the unit it holds or receives
+        self.pending: list[object] = []
         self.bytes_streamed = 0
         self.wait_seconds = 0.0
         for index, unit in enumerate(self.units):
@@ -402,10 +409,13 @@ class WeightStreamer:
             unit.bind(lambda e: e.stored)
             self.store.release(entry)
 
-    # Running: fetch unit i+1 into the other buffer while unit i computes.
+    # Running: while unit i computes, units i+1 .. i+B-1 are fetched into the other B-1 buffers.
     def _allocate(self) -> None:
         size = max(u.nbytes for u in self.units)
-        self.buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(NUM_BUFFERS)]
+        count = self.plan.buffers
+        self.buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        self.holding = [None] * count
+        self.pending = [None] * count
 
     def _fetch(self, index: int, slot: int) -> None:
         self.holding[slot] = index
@@ -415,19 +425,19 @@ class WeightStreamer:
     def _before(self, index: int) -> None:
         if self.buffers is None:
             self._allocate()
-        following = (index + 1) % len(self.units)
-        if index in self.holding:
-            slot = self.holding.index(index)
-        else:  # not predicted (first call, or an unusual order): fetch it now
-            slot = 1 if self.holding[0] == following else 0
-            self._fetch(index, slot)
+        n = len(self.units)
+        wanted = list(dict.fromkeys((index + k) % n for k in range(len(self.buffers))))
+        # Fetches run in order (one worker thread, or one copy stream), each into a buffer that holds no
+        # unit wanted now; the buffer of the unit that computed last is free again.
+        for unit in wanted:
+            if unit not in self.holding:
+                self._fetch(unit, next(i for i, h in enumerate(self.holding) if h not in wanted))
+        slot = self.holding.index(index)
         start = time.perf_counter()
         self.store.wait(self.pending[slot])
         self.wait_seconds += time.perf_counter() - start
         buffer = self.buffers[slot]
         self.units[index].bind(lambda e: _view(buffer, e.slot_offset, e.stored))
-        if following not in self.holding:
-            self._fetch(following, 1 - slot)
 
     def _after(self, index: int) -> None:
         slot = self.holding.index(index)
@@ -452,18 +462,19 @@ class Offload:
         dtype: torch.dtype = torch.float32,
         folder: str | Path | None = None,
         drop_page_cache: bool = True,
+        buffers: int = DEFAULT_BUFFERS,
     ) -> None:
         self.max_memory, self.device, self.dtype = max_memory, torch.device(device), dtype
-        self.folder, self.drop_page_cache = folder, drop_page_cache
+        self.folder, self.drop_page_cache, self.buffers = folder, drop_page_cache, buffers
 
     def __call__(self, model: nn.Module) -> nn.Module:
         if self.max_memory is None:
             return model
-        plan = plan_offload(model, self.max_memory, self.dtype)
+        plan = plan_offload(model, self.max_memory, self.dtype, self.buffers)
         if not plan.streamed_units:
             return model
         if self.device.type == "cuda":
-            store: DiskStore | PinnedStore = PinnedStore(self.device)
+            store: DiskStore | PinnedStore = PinnedStore(self.device, plan.buffers)
         elif self.device.type == "cpu":
             store = DiskStore(self.folder, self.drop_page_cache)
             _keep_large_allocations_returnable()

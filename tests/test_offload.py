@@ -53,10 +53,12 @@ def forward_passes(model: GLM, ids: Tensor) -> list[Tensor]:
     return outputs
 
 
-@pytest.mark.parametrize("budget", ["32%", "50%", "80%"])
-def test_logits_are_bit_identical_in_fp32(checkpoint, budget):
+@pytest.mark.parametrize("budget,buffers", [("32%", 2), ("50%", 2), ("80%", 2), ("50%", 3), ("70%", 5)])
+def test_logits_are_bit_identical_in_fp32(checkpoint, budget, buffers):
     reference, _ = load_model(checkpoint, dtype="float32")
-    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload(budget, "cpu", torch.float32)])
+    offload = Offload(budget, "cpu", torch.float32, buffers=buffers)
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[offload])
+    assert offloaded.offload.plan.buffers == buffers
     assert streamed(offloaded) > 0
     ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # the second pass starts from the wrapped-around prefetch
