@@ -162,6 +162,15 @@ def test_multiple_choice_items_are_checked(item, message) -> None:
         check_multiple_choice_items([GOOD, item], "f.jsonl")
 
 
+def test_ids_outside_the_vocabulary(tiny_model) -> None:
+    _, tokenizer = tiny_model
+    item = {"inputs": [1, tokenizer.vocab_size], "choices": [[2]], "label": 0}
+    with pytest.raises(
+        ValueError, match=f"item 1: inputs holds ids outside the model's vocabulary of {tokenizer.vocab_size}"
+    ):
+        multiple_choice_samples([item], tokenizer, 64, False)
+
+
 def test_generation_items_are_checked() -> None:
     check_generation_items([{"inputs_pretokenized": "a", "targets_pretokenized": "b"}, {"inputs": [1]}], "g")
     with pytest.raises(ValueError, match="g: item 1: every entry of 'targets_pretokenized' must be a string"):

@@ -437,7 +437,14 @@ def test_errors_come_before_the_model_loads(data, capsys, yaml, data_line, messa
     assert not out_dir.exists()
 
 
-def test_output_dir_is_checked_before_the_model_loads(data, capsys) -> None:
+def test_output_dir_is_checked_before_the_model_loads(data, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(
+        evaluate_module.os, "access", lambda path, mode: False
+    )  # as root, nothing is read-only
+    args = ["--checkpoint", data / "no-such-checkpoint", "--data-path", data / "data"]
+    assert run([data / "tasks/mul.yaml", *args, "--output-dir", data / "out"]) == 2
+    assert "is not writable; pass a folder you can write to" in capsys.readouterr().err
+    monkeypatch.undo()
     (data / "file").write_text("x")
     args = [
         "--checkpoint",

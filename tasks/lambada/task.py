@@ -5,8 +5,8 @@ scored by exact match after strip() (case-sensitive, no normalisation).
 
 Over the beams (best first), a beam whose second space-separated word is a punctuation mark gives the
 answer; otherwise beam 0 does. Unlike the original, trailing punctuation is stripped from the word
-(sentencepiece decodes "word." where icetk's text split it off), as tools/evaluate_bundled.py does, and
-beam search is the plain deterministic one (no banned prefixes).
+(sentencepiece decodes "word." where icetk's text split it off), and beam search is the plain
+deterministic one (no banned prefixes).
 """
 
 from __future__ import annotations
