@@ -19,8 +19,8 @@ request joins at the next step (its prompt is prefilled alone into free rows) an
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,13 +267,18 @@ class Request:
         return self.outputs is not None
 
     def generated(self, row: int = 0) -> list[int]:
-        """Row `row`'s generated ids so far, before any end token (-1 pad) ; for beam search row 0 is the
-        best live beam."""
+        """Row `row`'s generated ids so far, before an end token; for beam search row 0 is the best live
+        beam."""
         if self.tokens is None:
             return []
         flat = self.tokens.view(-1, self.tokens.shape[-1])
-        out = flat[row, len(self.prompt) :].tolist()
-        return out[: out.index(-1)] if -1 in out else out
+        end = strategy_of(self).end_tokens
+        out = []
+        for token in flat[row, len(self.prompt) :].tolist():
+            if token < 0 or token in end:
+                break
+            out.append(token)
+        return out
 
     def settled(self) -> list[int]:
         """Generated ids no later step can change: for beam search, the prefix that every live and finished
@@ -321,10 +326,10 @@ class Engine:
         self.rows = Rows(model, groups, width, max_length, compile=compile, cuda_graphs=cuda_graphs)
         self.vocab = model.config.vocab_size
         self.detokenize = detokenize
-        self.waiting: queue.Queue[Request] = queue.Queue(max_queue)
+        self.max_queue = max_queue  # 0: unbounded
+        self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free = [list(range(width)) for _ in range(groups)]
-        self._head: Request | None = None  # taken from the queue, waiting for rows
         self._lock = threading.Lock()
         self.device = model.device
 
@@ -350,13 +355,13 @@ class Engine:
         if request.stop_strings and self.detokenize is None:
             raise ValueError("stop strings need an engine with detokenize")
 
-    def submit(self, request: Request, block: bool = True) -> None:
-        """Queue a request (thread-safe); QueueFull if the queue is bounded and full and block is False."""
+    def submit(self, request: Request) -> None:
+        """Queue a request (thread-safe); QueueFull if `max_queue` requests are already waiting."""
         self.check(request)
-        try:
-            self.waiting.put(request, block=block)
-        except queue.Full:
-            raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
+        with self._lock:
+            if self.max_queue and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self.waiting.append(request)
 
     def cancel(self, request: Request) -> None:
         """Stop a request at the next step and free its rows (thread-safe)."""
@@ -364,24 +369,21 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.running) or self._head is not None or not self.waiting.empty()
+        return bool(self.running) or bool(self.waiting)
 
     def _admit(self) -> None:
-        while True:
-            if self._head is None:
-                try:
-                    self._head = self.waiting.get_nowait()
-                except queue.Empty:
-                    return
-            request = self._head
+        while self.waiting:
+            request = self.waiting[0]
             if request.cancelled:
-                self._head = None
+                with self._lock:
+                    self.waiting.popleft()
                 self._finish(request, [])
                 continue
             group = next((g for g, free in enumerate(self._free) if len(free) >= request.width), None)
             if group is None:
                 return
-            self._head = None
+            with self._lock:
+                self.waiting.popleft()
             rows, self._free[group] = self._free[group][: request.width], self._free[group][request.width :]
             request._group, request._rows = group, rows
             try:

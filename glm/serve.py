@@ -116,6 +116,7 @@ def parse_params(body: dict, width: int, max_length: int) -> dict[str, Any]:
         "logprobs": logprobs,
         "echo": _flag(body, "echo"),
         "stream": _flag(body, "stream"),
+        "ignore_eos": _flag(body, "ignore_eos"),
     }
     if params["num_beams"] > 1 and params["n"] > 1:
         raise BadRequest("'n' must be 1 with beam search (num_beams > 1): all beams share one prompt", "n")
@@ -175,7 +176,7 @@ class Service:
         from glm.engine import QueueFull
 
         try:
-            self.engine.submit(request, block=False)
+            self.engine.submit(request)
         except QueueFull as error:
             raise BadRequest(f"the server is busy ({error}); retry later", None, 429) from None
         except ValueError as error:
@@ -204,7 +205,7 @@ class Service:
                 params["num_beams"],
                 length_penalty=params["length_penalty"],
                 consider_end=True,
-                end_tokens=self.end_tokens,
+                end_tokens=[] if params["ignore_eos"] else self.end_tokens,
                 invalid_slices=self.invalid,
                 deterministic=params["temperature"] == 0,
                 generator=generator,
@@ -217,7 +218,7 @@ class Service:
                 temperature=1.0 if greedy else params["temperature"],
                 top_k=1 if greedy else params["top_k"],
                 top_p=0.0 if greedy or params["top_p"] >= 1.0 else params["top_p"],
-                end_tokens=self.end_tokens,
+                end_tokens=[] if params["ignore_eos"] else self.end_tokens,
                 generator=generator,
             )
         penalties = Penalties(
@@ -330,7 +331,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": len(engine.running), "waiting": engine.waiting.qsize()}
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -338,14 +339,21 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     def token_logprobs(output: Output, offset: int) -> dict:
+        """OpenAI's legacy log-probs; a token's text is what it adds to the decoded text before it (so the
+        tokens add up to the completion, spaces included); the alternatives are decoded alone."""
         tokens, values, tops, offsets = [], [], [], []
-        for entry in output.logprobs or []:
-            text = tokenizer.detokenize([entry.token])
-            tokens.append(text)
+        entries = output.logprobs or []
+        decoded = ""
+        for k, entry in enumerate(entries):
+            text = tokenizer.detokenize([e.token for e in entries[: k + 1]])
+            tokens.append(
+                text[len(decoded) :] if text.startswith(decoded) else tokenizer.detokenize([entry.token])
+            )
+            decoded = text
             values.append(entry.logprob)
             tops.append({tokenizer.detokenize([t]): lp for t, lp in entry.top})
             offsets.append(offset)
-            offset += len(text)
+            offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def output_text(output: Output) -> str:

@@ -178,7 +178,7 @@ def test_cancel_frees_rows_and_queue_is_bounded(tiny_model):
     engine.step()
     engine.submit(Request(CONTEXTS[1], greedy(), 2))  # waits: the only row is taken
     with pytest.raises(QueueFull):
-        engine.submit(Request(CONTEXTS[2], greedy(), 2), block=False)
+        engine.submit(Request(CONTEXTS[2], greedy(), 2))
     engine.cancel(first)
     while engine.busy:
         engine.step()
