@@ -159,6 +159,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--device", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default: auto)"
     )
+    # glm.distributed's flags (`distributed.session` reads them).
+    parallel = parser.add_argument_group(
+        "parallelism (launch with torchrun or deepspeed; README: Tensor parallelism and multi-node)"
+    )
+    parallel.add_argument(
+        "--tensor-parallel-size",
+        "--model-parallel-size",
+        dest="tensor_parallel_size",
+        type=int,
+        help="processes sharing one model, each holding 1/N of every layer "
+        "(default: the world size / the data-parallel size)",
+    )
+    parallel.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a rank waits for the others inside the model before the job stops with an error",
+    )
     # glm.offload's flags (`offload_from_args` reads them), defined here so parsing needs no torch.
     group = parser.add_argument_group("weight offload")
     group.add_argument(
@@ -173,26 +191,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
+    from glm import tensor_parallel
+    from glm.distributed import compute_device
     from glm.loading import resolve_dtype
     from glm.offload import offload_from_args
     from glm.run_config import apply_run_config
 
     run = apply_run_config(args)  # flags left unset take the run config's values
     args.dtype, args.device = args.dtype or "auto", args.device or "auto"
-    device = resolve_device(args.device)
+    device = compute_device(resolve_device(args.device))  # `cuda`: this rank's GPU
     offload = offload_from_args(args, device, resolve_dtype(args.dtype, device))
+    transforms = [tensor_parallel.transform(), offload]
     return load(
-        args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, [offload]
+        args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, transforms
     )
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
     """Run a command line's main: a user error (a ValueError, as CheckpointError is, or an OSError) becomes
     one `error: ...` line and exit status 2; Ctrl-C exits with 130."""
+    from glm import distributed  # torch; after parsing
+
     try:
-        sys.exit(main(args))
+        with distributed.session(args):  # a process group under torchrun / deepspeed
+            sys.exit(main(args))
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {distributed.rank_prefix()}{e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Parallel:
     tensor_group: Any = None  # collectives inside this model replica
     data_group: Any = None  # objects among the ranks of this tensor-parallel rank (gloo)
     object_group: Any = None  # objects over the whole job (gloo)
+    replica_object_group: Any = None  # objects inside this model replica (gloo)
 
     @property
     def data_parallel_size(self) -> int:
@@ -104,7 +106,10 @@ def resolve_sizes(world_size: int, tensor_parallel: int | None, data_parallel: i
         data_parallel = 1
     for name, value in (("--tensor-parallel-size", tensor_parallel), ("--data-parallel-size", data_parallel)):
         if value is not None and (value < 1 or world_size % value):
-            raise ValueError(f"{name} {value} must divide the world size {world_size} (processes launched)")
+            raise ValueError(
+                f"{name} {value} must divide the world size {world_size} (the processes launched): start "
+                f"them with torchrun --nproc-per-node {value} or MP_SIZE={value} bash scripts/..."
+            )
     tensor_parallel = tensor_parallel or world_size // data_parallel
     data_parallel = data_parallel or world_size // tensor_parallel
     if tensor_parallel * data_parallel != world_size:
@@ -130,7 +135,7 @@ def initialize(
         return _current
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise ValueError("MASTER_ADDR and MASTER_PORT must be set (torchrun and deepspeed set them)")
-    cuda = torch.device(device).type == "cuda"
+    cuda = torch.cuda.is_available() if str(device) == "auto" else torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -143,6 +148,7 @@ def initialize(
         dist.new_group(list(range(t, world, tp)), backend="gloo", timeout=PATIENT_TIMEOUT) for t in range(tp)
     ]
     object_group = dist.new_group(list(range(world)), backend="gloo", timeout=PATIENT_TIMEOUT)
+    replica_object_groups = [dist.new_group(ranks, backend="gloo", timeout=timeout) for ranks in replicas]
     _current = Parallel(
         rank,
         world,
@@ -152,6 +158,7 @@ def initialize(
         tensor_groups[rank // tp],
         data_groups[rank % tp],
         object_group,
+        replica_object_groups[rank // tp],
     )
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
@@ -176,31 +183,6 @@ def compute_device(requested: str | torch.device) -> torch.device:
 # ------------------------------------------------------------------------------------------ command lines
 
 
-def add_arguments(parser: argparse.ArgumentParser, data_parallel: bool = False) -> None:
-    group = parser.add_argument_group(
-        "parallelism (launch with torchrun or deepspeed; see README 'Tensor parallelism and multi-node')"
-    )
-    group.add_argument(
-        "--tensor-parallel-size",
-        "--model-parallel-size",
-        dest="tensor_parallel_size",
-        type=int,
-        help="processes sharing one model; default: world size / data-parallel size",
-    )
-    if data_parallel:
-        group.add_argument(
-            "--data-parallel-size",
-            type=int,
-            help="model replicas the samples are spread over; default: world size / tensor-parallel size",
-        )
-    group.add_argument(
-        "--distributed-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds a collective waits for the other ranks before the job stops with an error",
-    )
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -208,10 +190,9 @@ def _first_line(error: BaseException) -> str:
 
 def _is_communication_error(error: BaseException) -> bool:
     base = getattr(dist, "DistError", ())
-    text = str(error)
-    return isinstance(error, base) or any(
-        word in text for word in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out")
-    )
+    text = str(error).lower()
+    words = ("gloo", "nccl", "connection closed", "connection reset", "timed out")
+    return isinstance(error, base) or any(word in text for word in words)
 
 
 def rank_prefix() -> str:
@@ -226,50 +207,71 @@ def session(args: argparse.Namespace) -> Iterator[Parallel]:
     A lost rank (it exited, or hung past the timeout) is one clear error and exit status 1 here, never a
     hang; the launcher then stops the remaining ranks.
     """
+    from glm.run_config import apply_run_config
+
+    apply_run_config(args)  # a run config may name the tensor-parallel size
     parallel = initialize(
         getattr(args, "tensor_parallel_size", None),
-        getattr(args, "data_parallel_size", 1),
-        getattr(args, "device", "cpu"),
+        getattr(args, "data_parallel_size", 1),  # only the evaluator spreads samples over replicas
+        getattr(args, "device", None) or "auto",
         getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_S),
     )
     try:
         yield parallel
-    except RuntimeError as error:
-        if parallel.world_size == 1 or not _is_communication_error(error):
-            raise
-        print(
-            f"error: [rank {parallel.rank}] lost contact with another rank of the job (it exited or did not "
-            f"answer within {parallel.timeout_s:g} s; its own error is above): {_first_line(error)}",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            with contextlib.suppress(RuntimeError):
-                dist.destroy_process_group()
+    except BaseException as error:
+        if parallel.world_size > 1 and _is_communication_error(error):
+            print(
+                f"error: {rank_prefix()}lost contact with another rank of the job (it exited, or did not "
+                f"answer within {parallel.timeout_s:g} s; see its own output): {_first_line(error)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(1)  # a collective still pending in the background would block the interpreter's exit
+        if isinstance(error, SystemExit) and not error.code:
+            shutdown()
+        raise
+    shutdown()
 
 
 # ---------------------------------------------------------------------------------------- rank-0 input
 
 
 def broadcast_object(value: T, group: Any = None, src: int = 0) -> T:
-    """Rank `src`'s value on every rank of `group` (default: the whole job)."""
+    """Rank `src`'s value on every rank of the gloo `group` (default: the whole job).
+
+    The receivers wait as long as their group lets them (a person typing); the sender waits at most the
+    job's timeout for them to take it, so a hung receiver is an error, not a hang.
+    """
     if _current.world_size == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src, group=_current.object_group if group is None else group)
-    return box[0]
+    group = _current.object_group if group is None else group
+    timeout = datetime.timedelta(seconds=_current.timeout_s)
+    size = torch.zeros(1, dtype=torch.long)
+    if _current.rank == src:
+        data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+        size[0] = data.numel()
+        for tensor in (size, data):
+            dist.broadcast(tensor, src=src, group=group, async_op=True).wait(timeout)
+        return value
+    dist.broadcast(size, src=src, group=group)
+    data = torch.empty(int(size[0]), dtype=torch.uint8)
+    dist.broadcast(data, src=src, group=group, async_op=True).wait(timeout)
+    return pickle.loads(data.numpy().tobytes())
 
 
-def read_line(prompt: str) -> str | None:
-    """A line typed at rank 0 (None at end of input), on every rank."""
+def input_on_main(prompt: str) -> str:
+    """input(prompt) at rank 0, the same line on every rank; EOFError on every rank at end of input."""
     line: str | None = None
     if _current.is_main:
         try:
             line = input(prompt)
         except EOFError:
             line = None
-    return broadcast_object(line)
+    line = broadcast_object(line)
+    if line is None:
+        raise EOFError
+    return line
 
 
 # -------------------------------------------------------------------------------- data-parallel evaluation
@@ -358,7 +360,7 @@ class SynchronizedStrategy:
     def finalize(self, tokens: Tensor) -> list[list[list[int]]]:
         outputs = self.strategy.finalize(tokens) if self.parallel.tensor_rank == 0 else None
         self._done = False
-        return broadcast_object(outputs, self.parallel.tensor_group, self.parallel.tensor_leader)
+        return broadcast_object(outputs, self.parallel.replica_object_group, self.parallel.tensor_leader)
 
 
 def synchronized(strategy: T) -> T:

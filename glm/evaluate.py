@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from glm.api import add_model_arguments, load_from_args, run_cli
+from glm.distributed import is_main
 from glm.evaluation.config import ConfigError, collect_task_files, load_task_config, resolve_file_groups
 from glm.evaluation.report import ALL_DONE, TASK_LOADED, TASKS_LOADED
 from glm.evaluation.tasks import BaseTask, TaskResult, task_class
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per forward pass for every task (default: each config's micro_batch_size)",
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--data-parallel-size",
+        type=int,
+        help="model replicas the samples are spread over (torchrun / deepspeed) "
+        "(default: the world size / the tensor-parallel size)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--output-dir", default="logs", help="folder for evaluate-<time>.json (and .predictions.jsonl)"
@@ -192,6 +199,8 @@ def main(args: argparse.Namespace) -> int:
     results: list[TaskResult] = []
 
     def save(status: str) -> None:
+        if not is_main():  # every rank holds the results; rank 0 of a job writes them
+            return
         report["status"], report["complete"] = status, status == "complete"
         report["end_time"], report["seconds"] = _now(), round(time.time() - start, 3)
         report["tasks"] = [

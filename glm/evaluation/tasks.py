@@ -169,7 +169,9 @@ class BaseTask(ABC):
             predictions += self.predict_single_batch(batch)
             progress.update(len(batch))
         progress.close()
-        predictions = gather_data_parallel(predictions, len(dataset.samples))  # original order
+        # Every replica's predictions and samples (with what predicting stored on them), in order.
+        pairs = gather_data_parallel(list(zip(predictions, samples, strict=True)), len(dataset.samples))
+        predictions, dataset.samples = [p for p, _ in pairs], [s for _, s in pairs]
         result = {key: metric(predictions, dataset.data) for key, metric in self.metrics.items()}
         return result, len(dataset.samples), predictions, dataset
 

@@ -1,0 +1,306 @@
+"""Launching: the command lines under torchrun (and ranks started by hand, as srun or MPI would) give what one
+process gives; data-parallel and two-node evaluation; a lost rank ends the job with an error, not a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from ranks import free_port, launcher_env, subprocess_env
+
+from glm import distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+QUERIES = [
+    "a\tTsinghua University is located in [MASK].",
+    "b\tThe President said that the [MASK] of the United States is strong.",
+    "c\t床前明月光，",
+]
+GENERATE = ["--out-seq-length", "48", "--with-id", "--seed", "7"]
+TASKS = {
+    "mc.yaml": """name: mc
+type: mul
+module: tasks.offline.blank.WrittenMaskMultiChoice
+path: tasks/offline/zh_idiom_cloze
+file_pattern: {test: "**/test.jsonl"}
+metrics: [Accuracy]
+max_seq_length: 256
+micro_batch_size: 2
+""",
+    "gen.yaml": """name: gen
+type: gen
+module: tasks.lambada.task.LAMBADA
+path: tasks/offline/en_lambada_cloze
+file_pattern: {test: "**/test.jsonl"}
+use_task_mask: true
+sampling_strategy: BaseStrategy
+max_gen_length: 4
+max_seq_length: 256
+micro_batch_size: 2
+""",
+    "lm.yaml": """name: lm
+type: lm
+path: tasks/offline/zh_lm
+file_pattern: {test: "**/test.txt"}
+use_task_mask: true
+max_seq_length: 64
+generation_length: 48
+micro_batch_size: 2
+""",
+}
+LIMIT = ["--limit", "5"]  # odd: the second replica's share is padded
+
+
+def torchrun(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", *args]
+    done = subprocess.run(
+        command, input=stdin, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_here(module: str, argv: list[str], capsys, stdin: str | None = None, monkeypatch=None) -> str:
+    """The same command line in this process: the single-process reference."""
+    import importlib
+    import io
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).cli(argv)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 0, out.err
+    return out.out
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_generate_file_mode_under_torchrun_writes_what_one_process_writes(tmp_path, capsys):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(QUERIES) + "\n")
+    flags = ["--input-source", str(queries), "--batch-size", "2", *GENERATE]
+    run_here("glm.generate", [*flags, "--output-path", str(tmp_path / "one")], capsys)
+    done = torchrun("--standalone", "--nproc-per-node", "2", "-m", "glm.generate",
+                    *flags, "--output-path", str(tmp_path / "two"))  # fmt: skip
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    assert len(files(tmp_path / "one")) == 3
+    assert done.stdout.count("Input: ") == 3  # rank 0 alone prints
+
+
+def test_generate_interactive_under_torchrun_answers_what_one_process_answers(tmp_path, capsys, monkeypatch):
+    stdin = "\n".join(QUERIES[:2]) + "\nstop\n"
+    run_here("glm.generate", [*GENERATE, "--output-path", str(tmp_path / "one")], capsys, stdin, monkeypatch)
+    done = torchrun("--standalone", "--nproc-per-node", "2", "-m", "glm.generate",
+                    *GENERATE, "--output-path", str(tmp_path / "two"), stdin=stdin)  # fmt: skip
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    assert sorted(files(tmp_path / "one")) == ["a.txt", "b.txt"]
+    assert done.stdout.count("Please Input Query") == 3  # rank 0 alone reads and prompts
+
+
+@pytest.fixture(scope="module")
+def task_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tasks")
+    for name, text in TASKS.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(task_folder, tmp_path_factory) -> Path:
+    """The evaluation in this process: the reference of the data-parallel runs."""
+    import contextlib
+    import io
+
+    from glm.evaluate import cli
+
+    output = tmp_path_factory.mktemp("one")
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit_info:
+        cli([str(task_folder), *LIMIT, "--save-predictions", "--output-dir", str(output)])
+    assert exit_info.value.code == 0
+    return output
+
+
+def evaluation(folder: Path) -> tuple[list[dict], list[dict]]:
+    (report,) = folder.glob("evaluate-*.json")
+    (predictions,) = folder.glob("evaluate-*.predictions.jsonl")
+    results = json.loads(report.read_text())
+    assert results["complete"]
+    return results["tasks"], [json.loads(line) for line in predictions.read_text().splitlines()]
+
+
+def assert_same_evaluation(got: Path, expected: Path) -> None:
+    """Same tasks, metrics, sample counts and predictions, record by record; the choices' summed log-probs
+    may differ in the last bits (other batch mates, partial sums added in another order)."""
+    got_tasks, got_records = evaluation(got)
+    want_tasks, want_records = evaluation(expected)
+    assert [t["name"] for t in got_tasks] == [t["name"] for t in want_tasks]
+    for g, w in zip(got_tasks, want_tasks, strict=True):
+        for group in w["groups"]:
+            for file, result in w["groups"][group]["files"].items():
+                got_result = g["groups"][group]["files"][file]
+                assert got_result["samples"] == result["samples"] == 5
+                assert got_result["metrics"] == pytest.approx(result["metrics"], rel=1e-5)
+    assert len(got_records) == len(want_records)
+    for g, w in zip(got_records, want_records, strict=True):
+        for key in ("scores", "loss"):
+            if key in w:
+                assert g.pop(key) == pytest.approx(w.pop(key), abs=1e-4)
+        assert g == w
+
+
+def test_evaluation_dp2_x_tp2_gives_what_one_process_gives(task_folder, one_process, tmp_path):
+    flags = [str(task_folder), *LIMIT, "--save-predictions"]
+    done = torchrun("--standalone", "--nproc-per-node", "4", "-m", "glm.evaluate", *flags,
+                    "--output-dir", str(tmp_path / "four"), "--tensor-parallel-size", "2")  # fmt: skip
+    assert_same_evaluation(tmp_path / "four", one_process)
+    assert done.stdout.count("Finish task mc") == 1  # rank 0 alone reports
+
+
+def test_evaluation_on_two_nodes_gives_what_one_process_gives(task_folder, one_process, tmp_path):
+    flags = [str(task_folder), *LIMIT, "--save-predictions"]
+    # Two torchrun agents meeting through a c10d rendezvous, as on two machines.
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "glm.evaluate", *flags,
+               "--output-dir", str(tmp_path / "nodes"), "--data-parallel-size", "2"]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            command, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=180) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err.decode()[-3000:]
+    assert_same_evaluation(tmp_path / "nodes", one_process)
+
+
+def start_ranks(tmp_path: Path, timeout_s: float) -> list[subprocess.Popen]:
+    """Two ranks of interactive generation started by hand (as srun or mpirun start them: no agent that
+    would stop the others), rank 0 waiting at its prompt."""
+    port = free_port()
+    command = [sys.executable, "-m", "glm.generate", "--output-path", str(tmp_path),
+               "--distributed-timeout", str(timeout_s)]  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            command,
+            env=subprocess_env(**launcher_env(rank, 2, port)),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    deadline, seen, out = time.monotonic() + 120, b"", ranks[0].stdout.fileno()
+    while b"Please Input Query" not in seen:
+        assert time.monotonic() < deadline, "rank 0 never prompted"
+        assert ranks[0].poll() is None, ranks[0].stderr.read()
+        if select.select([out], [], [], 0.2)[0]:
+            seen += os.read(out, 65536)
+    return ranks
+
+
+def test_a_killed_rank_ends_the_other_with_an_error(tmp_path):
+    ranks = start_ranks(tmp_path, timeout_s=600)
+    try:
+        ranks[0].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        _, err = ranks[1].communicate(timeout=60)  # not the 600 s timeout: the peer's sockets closed
+        assert ranks[1].returncode == 1
+        assert "error: [rank 1] lost contact with another rank of the job" in err
+        assert time.monotonic() - start < 30
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
+def test_a_hung_rank_ends_the_other_after_the_timeout(tmp_path):
+    ranks = start_ranks(tmp_path, timeout_s=3)
+    try:
+        ranks[1].send_signal(signal.SIGSTOP)  # alive but silent
+        ranks[0].stdin.write("Tsinghua University is located in [MASK].\n")
+        ranks[0].stdin.flush()
+        ranks[0].wait(timeout=60)
+        err = ranks[0].stderr.read()
+        assert ranks[0].returncode == 1
+        assert (
+            "error: lost contact with another rank of the job (it exited, or did not answer within 3 s" in err
+        )
+        assert not list(tmp_path.iterdir())  # nothing half-written
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
+# -------------------------------------------------------------------------- pure helpers, no processes
+
+
+def test_launcher_environments():
+    assert distributed.launcher_env({}) == (0, 1, 0)
+    torchrun_env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert distributed.launcher_env(torchrun_env) == (5, 8, 1)
+    mpi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    assert distributed.launcher_env(mpi) == (3, 4, 3)
+    with pytest.raises(ValueError, match="rank 4 is not in a world of 4"):
+        distributed.launcher_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize(
+    ("world", "tp", "dp", "expected"),
+    [
+        (8, None, None, (8, 1)),
+        (8, 2, None, (2, 4)),
+        (8, None, 2, (4, 2)),
+        (8, 4, 2, (4, 2)),
+        (1, None, None, (1, 1)),
+    ],
+)
+def test_sizes(world, tp, dp, expected):
+    assert distributed.resolve_sizes(world, tp, dp) == expected
+
+
+@pytest.mark.parametrize(
+    ("world", "tp", "dp", "message"),
+    [
+        (1, 8, None, "--tensor-parallel-size 8 must divide the world size 1 .* torchrun --nproc-per-node 8"),
+        (8, 3, None, "--tensor-parallel-size 3 must divide the world size 8"),
+        (8, 2, 2, "data-parallel 2 x tensor-parallel 2 is not the world size 8"),
+    ],
+)
+def test_sizes_that_do_not_fit_the_world(world, tp, dp, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.resolve_sizes(world, tp, dp)
+
+
+def test_data_parallel_shares_and_their_gather_restore_the_order(monkeypatch):
+    """Seven items over three replicas as the original's DistributedSampler deals them (padded by
+    repetition to 9), and the order rebuilt from the replicas' results with the padding dropped."""
+    items = list("abcdefg")
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "_current", distributed.Parallel(rank=rank, world_size=3))
+        shares.append(distributed.data_parallel_share(items))
+    assert shares == [["a", "d", "g"], ["b", "e", "a"], ["c", "f", "b"]]
+
+    def all_gather_object(output, value, group=None):
+        output[:] = [[x.upper() for x in share] for share in shares]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    assert distributed.gather_data_parallel(["?"] * 3, len(items)) == list("ABCDEFG")
