@@ -5,8 +5,8 @@ quantization), so it sees each rank's own, possibly quantized, modules and budge
 resident on the compute device the embedding (tied to the output layer), the LayerNorms and as many of the
 blocks' weight matrices (`query_key_value`, `attention.dense`, `dense_h_to_4h`, `dense_4h_to_h`, each with
 everything it holds: weight, bias, quantization scales, packed bytes) as fit, layer by layer from the first,
-and streams the rest, one matrix at a time, into two buffers the size of the largest one: while one matrix
-computes, the next is copied into the other buffer.
+and streams the rest, one matrix at a time, through buffers the size of the largest one (two by default):
+while one matrix computes, the next ones are copied into the other buffers.
 
 - On CUDA the streamed matrices live in pinned CPU memory and are copied on a second stream.
 - On a CPU-only machine they are written once, while loading, to a file in an offload folder (the compute
@@ -14,7 +14,7 @@ computes, the next is copied into the other buffer.
   dropped from the page cache after each read, so neither the process nor the page cache holds more than
   the budget (each token reads the streamed weights from disk).
 
-The budget (`--max-memory`) counts weights only: the resident ones plus the two buffers. The KV cache and
+The budget (`--max-memory`) counts weights only: the resident ones plus the buffers. The KV cache and
 activations come on top (`python -m glm.plan` adds them up). Outputs are bit-identical to a run without
 offload: the same bytes reach the same kernels.
 """
@@ -47,7 +47,7 @@ STREAMED_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h
 DEFAULT_BUFFERS = 2
 _PAGE = mmap.PAGESIZE
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_SLOT_ALIGN = 64  # tensor views into a buffer start at a multiple of this
+_SLOT_ALIGN = 4096  # each tensor in a buffer starts and ends on this boundary (direct I/O needs it)
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _UNITS |= {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
@@ -202,7 +202,7 @@ class _Unit:
 
     @property
     def nbytes(self) -> int:
-        return max((e.slot_offset + e.nbytes for e in self.entries), default=0)
+        return max((e.slot_offset + _aligned(e.nbytes, _SLOT_ALIGN) for e in self.entries), default=0)
 
     def bind(self, views: Callable[[_Entry], Tensor]) -> None:
         for entry in self.entries:
@@ -243,6 +243,7 @@ class DiskStore:
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-offload")
         self.read_seconds = 0.0
+        self._direct: int | None = None
 
     def put(self, entry: _Entry, value: Tensor) -> None:
         """Append `value` to the file; entry.stored becomes a read-only file-backed view of it."""
@@ -269,17 +270,32 @@ class DiskStore:
         if self.drop_page_cache and entry.nbytes:
             os.posix_fadvise(self.fd, entry.file_offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
 
+    def _direct_fd(self) -> int | None:
+        """A second descriptor with O_DIRECT: reads go from the disk straight into the buffer, without the
+        page cache or a kernel copy (so the reading thread needs almost no CPU). None where unsupported."""
+        if self._direct is None:
+            try:
+                self._direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                weakref.finalize(self, os.close, self._direct)
+            except (AttributeError, OSError):
+                self._direct = -1
+        return self._direct if self._direct >= 0 else None
+
     def _read(self, unit: _Unit, slot: Tensor) -> None:
         start = time.perf_counter()
+        direct = self._direct_fd() if slot.data_ptr() % _SLOT_ALIGN == 0 else None
         for entry in unit.entries:
-            view = _memoryview(slot, entry.slot_offset, entry.nbytes)
+            # Direct reads cover whole blocks: the entry's file range and its buffer range are both padded.
+            n = _aligned(entry.nbytes, _SLOT_ALIGN) if direct is not None else entry.nbytes
+            fd = self.fd if direct is None else direct
+            view = _memoryview(slot, entry.slot_offset, n)
             done = 0
-            while done < entry.nbytes:
-                got = os.preadv(self.fd, [view[done:]], entry.file_offset + done)
+            while done < n:
+                got = os.preadv(fd, [view[done:]], entry.file_offset + done)
                 if got <= 0:
                     raise OSError(f"{self.path}: short read at {entry.file_offset + done}")
                 done += got
-            if self.drop_page_cache:
+            if direct is None and self.drop_page_cache:
                 os.posix_fadvise(self.fd, entry.file_offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
         self.read_seconds += time.perf_counter() - start
 
@@ -412,10 +428,14 @@ class WeightStreamer:
     # Running: while unit i computes, units i+1 .. i+B-1 are fetched into the other B-1 buffers.
     def _allocate(self) -> None:
         size = max(u.nbytes for u in self.units)
-        count = self.plan.buffers
-        self.buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(count)]
-        self.holding = [None] * count
-        self.pending = [None] * count
+        self.buffers = [self._aligned_buffer(size) for _ in range(self.plan.buffers)]
+        self.holding = [None] * self.plan.buffers
+        self.pending = [None] * self.plan.buffers
+
+    def _aligned_buffer(self, size: int) -> Tensor:
+        raw = torch.empty(size + _SLOT_ALIGN, dtype=torch.uint8, device=self.device)
+        skip = -raw.data_ptr() % _SLOT_ALIGN
+        return raw[skip : skip + size]
 
     def _fetch(self, index: int, slot: int) -> None:
         self.holding[slot] = index
@@ -484,21 +504,8 @@ class Offload:
         return model
 
 
-def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
-    """The offload flags; `offload_from_args` reads them."""
-    group = parser.add_argument_group("weight offload")
-    group.add_argument(
-        "--max-memory",
-        help="weights the device may hold (per tensor-parallel rank), e.g. 22GiB or 25%% of the model; "
-        "the rest streams from CPU memory (GPU) or from disk (CPU). Default: everything resident",
-    )
-    group.add_argument(
-        "--offload-folder",
-        help="folder for the streamed weights on a CPU-only machine (default: a temporary folder)",
-    )
-
-
 def offload_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Offload:
+    """The transform for `--max-memory` and `--offload-folder` (defined in glm.api.add_model_arguments)."""
     max_memory = getattr(args, "max_memory", None)
     if max_memory is not None:
         parse_memory(max_memory, 1)  # reject a malformed size before anything loads
