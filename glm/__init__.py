@@ -37,7 +37,23 @@ _EXPORTS = {
     "GLMTokenizer": "glm.tokenizer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_MODEL",
+    "GLM",
+    "PRESETS",
+    "Answer",
+    "BaseStrategy",
+    "BeamSearchStrategy",
+    "GLMConfig",
+    "GLMTokenizer",
+    "GenerationOptions",
+    "KVCache",
+    "fill_blanks",
+    "generate",
+    "get_preset",
+    "load",
+    "load_model",
+]
 
 
 def __getattr__(name: str) -> Any:
