@@ -6,4 +6,12 @@
 set -euo pipefail
 main_dir=$(dirname "$(dirname "$(realpath "$0")")")
 export PYTHONPATH="${main_dir}${PYTHONPATH:+:${PYTHONPATH}}"
+# MP_SIZE=N (the original's name) runs N tensor-parallel processes on this machine under torchrun;
+# NPROC=M (default MP_SIZE) runs M processes, M / N data-parallel replicas that share the samples.
+MP_SIZE=${MP_SIZE:-1}
+NPROC=${NPROC:-$MP_SIZE}
+if [ "$NPROC" -gt 1 ]; then
+    exec python -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+        -m glm.evaluate --tensor-parallel-size "$MP_SIZE" "$@"
+fi
 exec python -m glm.evaluate "$@"

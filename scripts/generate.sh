@@ -5,4 +5,10 @@
 set -euo pipefail
 main_dir=$(dirname "$(dirname "$(realpath "$0")")")
 export PYTHONPATH="${main_dir}${PYTHONPATH:+:${PYTHONPATH}}"
+# MP_SIZE=N (the original's name) runs N tensor-parallel processes on this machine under torchrun.
+MP_SIZE=${MP_SIZE:-1}
+if [ "$MP_SIZE" -gt 1 ]; then
+    exec python -m torch.distributed.run --standalone --nproc-per-node "$MP_SIZE" \
+        -m glm.generate --tensor-parallel-size "$MP_SIZE" "$@"
+fi
 exec python -m glm.generate "$@"

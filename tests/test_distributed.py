@@ -59,10 +59,11 @@ micro_batch_size: 2
 LIMIT = ["--limit", "5"]  # odd: the second replica's share is padded
 
 
-def torchrun(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", *args]
+def script(name: str, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """scripts/<name> with `env` (MP_SIZE=2: two ranks under torchrun)."""
+    command = ["bash", str(ROOT / "scripts" / name), *args]
     done = subprocess.run(
-        command, input=stdin, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=ROOT
+        command, input=stdin, capture_output=True, text=True, timeout=180, env=subprocess_env(**env), cwd=ROOT
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -86,23 +87,21 @@ def files(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(folder.iterdir())}
 
 
-def test_generate_file_mode_under_torchrun_writes_what_one_process_writes(tmp_path, capsys):
+def test_generate_sh_file_mode_under_torchrun_writes_what_one_process_writes(tmp_path, capsys):
     queries = tmp_path / "queries.txt"
     queries.write_text("\n".join(QUERIES) + "\n")
     flags = ["--input-source", str(queries), "--batch-size", "2", *GENERATE]
     run_here("glm.generate", [*flags, "--output-path", str(tmp_path / "one")], capsys)
-    done = torchrun("--standalone", "--nproc-per-node", "2", "-m", "glm.generate",
-                    *flags, "--output-path", str(tmp_path / "two"))  # fmt: skip
+    done = script("generate.sh", *flags, "--output-path", str(tmp_path / "two"), MP_SIZE="2")
     assert files(tmp_path / "two") == files(tmp_path / "one")
     assert len(files(tmp_path / "one")) == 3
     assert done.stdout.count("Input: ") == 3  # rank 0 alone prints
 
 
-def test_generate_interactive_under_torchrun_answers_what_one_process_answers(tmp_path, capsys, monkeypatch):
+def test_generate_sh_interactive_under_torchrun_answers_as_one_process(tmp_path, capsys, monkeypatch):
     stdin = "\n".join(QUERIES[:2]) + "\nstop\n"
     run_here("glm.generate", [*GENERATE, "--output-path", str(tmp_path / "one")], capsys, stdin, monkeypatch)
-    done = torchrun("--standalone", "--nproc-per-node", "2", "-m", "glm.generate",
-                    *GENERATE, "--output-path", str(tmp_path / "two"), stdin=stdin)  # fmt: skip
+    done = script("generate.sh", *GENERATE, "--output-path", str(tmp_path / "two"), stdin=stdin, MP_SIZE="2")
     assert files(tmp_path / "two") == files(tmp_path / "one")
     assert sorted(files(tmp_path / "one")) == ["a.txt", "b.txt"]
     assert done.stdout.count("Please Input Query") == 3  # rank 0 alone reads and prompts
@@ -161,33 +160,35 @@ def assert_same_evaluation(got: Path, expected: Path) -> None:
 
 def test_evaluation_dp2_x_tp2_gives_what_one_process_gives(task_folder, one_process, tmp_path):
     flags = [str(task_folder), *LIMIT, "--save-predictions"]
-    done = torchrun("--standalone", "--nproc-per-node", "4", "-m", "glm.evaluate", *flags,
-                    "--output-dir", str(tmp_path / "four"), "--tensor-parallel-size", "2")  # fmt: skip
+    done = script("evaluate.sh", *flags, "--output-dir", str(tmp_path / "four"), MP_SIZE="2", NPROC="4")
     assert_same_evaluation(tmp_path / "four", one_process)
     assert done.stdout.count("Finish task mc") == 1  # rank 0 alone reports
 
 
 def test_evaluation_on_two_nodes_gives_what_one_process_gives(task_folder, one_process, tmp_path):
-    flags = [str(task_folder), *LIMIT, "--save-predictions"]
-    # Two torchrun agents meeting through a c10d rendezvous, as on two machines.
-    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "glm.evaluate", *flags,
-               "--output-dir", str(tmp_path / "nodes"), "--data-parallel-size", "2"]  # fmt: skip
+    """scripts/evaluate_multiple_node.sh started on two "nodes" (both 127.0.0.1), meeting through torchrun's
+    c10d rendezvous: two data-parallel replicas of one process each."""
+    env = subprocess_env(
+        LAUNCHER="torchrun", NUM_WORKERS="2", NUM_GPUS_PER_WORKER="1", MP_SIZE="1", DEVICE="cpu",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RDZV_ID=uuid.uuid4().hex,
+        LOG_DIR=str(tmp_path / "logs"),
+    )  # fmt: skip
+    command = ["bash", str(ROOT / "scripts" / "evaluate_multiple_node.sh"), str(task_folder), *LIMIT,
+               "--save-predictions", "--output-dir", str(tmp_path / "nodes")]  # fmt: skip
     nodes = [
-        subprocess.Popen(
-            command, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
     ]
     try:
-        outputs = [node.communicate(timeout=180) for node in nodes]
+        outputs = [node.communicate(timeout=180)[0].decode() for node in nodes]
     finally:
         for node in nodes:
             node.kill()
-    for node, (_, err) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, err.decode()[-3000:]
+    for node, out in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-3000:]
     assert_same_evaluation(tmp_path / "nodes", one_process)
+    assert sum("Finish task mc" in out for out in outputs) == 1  # rank 0 alone reports
+    assert len(list((tmp_path / "logs").iterdir())) == 2  # one log per node, as the original's tee
 
 
 def start_ranks(tmp_path: Path, timeout_s: float) -> list[subprocess.Popen]:
