@@ -19,7 +19,7 @@ import datetime
 import os
 import pickle
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -368,8 +368,3 @@ def synchronized(strategy: T) -> T:
     if _current.tensor_parallel_size == 1 or isinstance(strategy, SynchronizedStrategy):
         return strategy
     return SynchronizedStrategy(strategy, _current)  # type: ignore[return-value]
-
-
-def on_main(function: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-    """Call `function` on rank 0 only (writing files)."""
-    return function(*args, **kwargs) if _current.is_main else None
