@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from glm.config import PRESETS, GLMConfig, get_preset
+from quantization.cli import add_quantization_arguments, transform_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -86,10 +87,16 @@ def load(
     """Model and tokenizer from a checkpoint folder; config and tokenizer default to those stored with it.
 
     For the original GLM-130B checkpoint: `load(path, "glm-130b", tokenizer_type="icetk")`. `device` may be
-    `auto` (CUDA when present, the command lines' default).
+    `auto` (CUDA when present, the command lines' default). `transforms` run on the meta model in order
+    (tensor parallel, quantization, offload); without any, a quantized checkpoint gets the quantization
+    transform its metadata records.
     """
     from glm.loading import load_model
     from glm.tokenizer import GLMTokenizer
+    from quantization.checkpoint import checkpoint_transform
+
+    if not transforms:
+        transforms = [t for t in [checkpoint_transform(checkpoint)] if t is not None]
 
     device = resolve_device(device)
     if tokenizer_type == "icetk":
@@ -177,6 +184,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds a rank waits for the others inside the model before the job stops with an error",
     )
+    add_quantization_arguments(parser)
     # glm.offload's flags (`offload_from_args` reads them), defined here so parsing needs no torch.
     group = parser.add_argument_group("weight offload")
     group.add_argument(
@@ -200,8 +208,9 @@ def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     run = apply_run_config(args)  # flags left unset take the run config's values
     args.dtype, args.device = args.dtype or "auto", args.device or "auto"
     device = compute_device(resolve_device(args.device))  # `cuda`: this rank's GPU
+    quantize = transform_from_args(args, args.checkpoint)  # None: load the weights as they are
     offload = offload_from_args(args, device, resolve_dtype(args.dtype, device))
-    transforms = [tensor_parallel.transform(), offload]
+    transforms = [t for t in (tensor_parallel.transform(), quantize, offload) if t is not None]
     return load(
         args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, transforms
     )

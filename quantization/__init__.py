@@ -8,31 +8,30 @@ Schemes and checkpoint format: schemes.py; the transform: transform.py; layers: 
 cpu.py (+ cpu_kernels.cpp), cuda.py; quantized checkpoints and CLI flags: checkpoint.py, cli.py.
 """
 
-from quantization.checkpoint import (
-    ConversionPlan,
-    checkpoint_transform,
-    quantization_metadata,
-    quantize_checkpoint_tensor,
-    spec_from_metadata,
-)
-from quantization.cli import add_quantization_arguments, transform_from_args
-from quantization.layers import QuantizedLinear, QuantizedOutputLayer
-from quantization.schemes import QuantizationSpec, dequantize, quantize_weight
-from quantization.transform import quantization_transform, quantize
+import importlib
+from typing import Any
 
-__all__ = [
-    "ConversionPlan",
-    "QuantizationSpec",
-    "QuantizedLinear",
-    "QuantizedOutputLayer",
-    "add_quantization_arguments",
-    "checkpoint_transform",
-    "dequantize",
-    "quantization_metadata",
-    "quantization_transform",
-    "quantize",
-    "quantize_checkpoint_tensor",
-    "quantize_weight",
-    "spec_from_metadata",
-    "transform_from_args",
-]
+# Imported on first use (PEP 562), so `quantization.cli` (the command lines' flags) loads without torch.
+_EXPORTS = {
+    "ConversionPlan": "quantization.checkpoint",
+    "checkpoint_transform": "quantization.checkpoint",
+    "quantization_metadata": "quantization.checkpoint",
+    "quantize_checkpoint_tensor": "quantization.checkpoint",
+    "spec_from_metadata": "quantization.checkpoint",
+    "add_quantization_arguments": "quantization.cli",
+    "transform_from_args": "quantization.cli",
+    "QuantizedLinear": "quantization.layers",
+    "QuantizedOutputLayer": "quantization.layers",
+    "QuantizationSpec": "quantization.schemes",
+    "dequantize": "quantization.schemes",
+    "quantize_weight": "quantization.schemes",
+    "quantization_transform": "quantization.transform",
+    "quantize": "quantization.transform",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'quantization' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantization.checkpoint import checkpoint_transform
-from quantization.schemes import DEFAULT_GROUP_SIZE, SCHEMES
+# Here, not in schemes.py, so that building a parser does not import torch (schemes.py imports these).
+SCHEMES = ("row", "group")
+DEFAULT_GROUP_SIZE = 128
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,8 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 
 def transform_from_args(args: argparse.Namespace, checkpoint: str | Path):
     """The quantize transform (or None) for loading `checkpoint` with these flags."""
+    from quantization.checkpoint import checkpoint_transform
+
     if args.quantization_group_size is not None and args.quantization_scheme != "group":
         raise ValueError("--quantization-group-size needs --quantization-scheme group")
     return checkpoint_transform(

@@ -21,8 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-SCHEMES = ("row", "group")
-DEFAULT_GROUP_SIZE = 128
+from quantization.cli import DEFAULT_GROUP_SIZE, SCHEMES
 
 
 @dataclasses.dataclass(frozen=True)

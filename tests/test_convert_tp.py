@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from glm.checkpoint import load_state_dict, save_checkpoint
+from glm.config import get_preset
 from glm.loading import load_model
 from glm.model import GLM
 from glm.sharding import Split, split_rule, split_tensor
@@ -198,3 +199,35 @@ def test_output_files_get_the_umask_mode(sat_tiny, tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     for path in out.rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_conversion_loads_without_flags_as_quantize_while_loading(reference, tmp_path, bits):
+    from quantization import checkpoint_transform, quantization_transform
+
+    source = SAT_TINY / "ckpt"
+    out = tmp_path / f"int{bits}"
+    args = ["--input-folder", str(source), "--output-folder", str(out), "--config", "sat-tiny"]
+    assert convert_tp([*args, "--target-tp", "2", "--quantization-bit-width", str(bits)]) == 0
+    # No flags: the metadata names the quantization (glm.load and the command lines do this).
+    stored, _ = load_model(out, transforms=[checkpoint_transform(out)])
+    assert type(stored.transformer.layers[0].mlp.dense_4h_to_h).__name__ == "QuantizedLinear"
+    # The same TP-2 slices quantized while loading, at TP 1 the row-parallel shards keep their own scales:
+    # so compare against converting at TP 1 the checkpoint that convert_tp wrote at TP 2, and against
+    # quantizing while loading (which sees whole rows) only up to quantization error.
+    again = tmp_path / "again"
+    assert convert_tp(["--input-folder", str(out), "--output-folder", str(again), "--target-tp", "1"]) == 0
+    resharded, _ = load_model(again, transforms=[checkpoint_transform(again)])
+    torch.testing.assert_close(logits(resharded, reference), logits(stored, reference), atol=1e-5, rtol=0)
+    config = get_preset("sat-tiny")
+    on_load, _ = load_model(source, config=config, transforms=[quantization_transform(bits)])
+    exact, _ = load_model(source, config=config)
+
+    def error(model):
+        return (
+            (logits(model, reference) - logits(exact, reference)).norm() / logits(exact, reference).norm()
+        ).item()
+
+    # Finer (per-shard) scales in the row-parallel layers: a different rounding, and no larger an error.
+    assert not torch.equal(logits(on_load, reference), logits(stored, reference))
+    assert error(stored) < 1.5 * error(on_load)

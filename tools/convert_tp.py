@@ -21,14 +21,25 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quantization.cli import DEFAULT_GROUP_SIZE, SCHEMES
+
 if TYPE_CHECKING:  # torch is imported only after the arguments are parsed, so --help is instant
     from glm.config import GLMConfig
 
 
 def convert(
-    input_folder: Path, output_folder: Path, target_tp: int, config: GLMConfig | None = None
+    input_folder: Path,
+    output_folder: Path,
+    target_tp: int,
+    config: GLMConfig | None = None,
+    quantization_bit_width: int | None = None,
+    quantization_scheme: str = "row",
+    quantization_group_size: int | None = None,
 ) -> tuple[Path, int]:
-    """Write `output_folder` with `target_tp` shards; returns it and the number of input bytes read."""
+    """Write `output_folder` with `target_tp` shards; returns it and the number of input bytes read.
+
+    With `quantization_bit_width` a float input is quantized per output rank (each rank's slice gets its
+    own scales, as the original); a quantized input is re-sharded exactly and keeps its metadata."""
     from glm.checkpoint import (
         CheckpointError,
         ShardedCheckpoint,
@@ -40,6 +51,7 @@ def convert(
     from glm.config import GLMConfig
     from glm.loading import check_keys
     from glm.tokenizer import GLMTokenizer
+    from quantization.checkpoint import ConversionPlan, has_scales
 
     meta = read_metadata(input_folder) or {}
     if config is None:
@@ -48,7 +60,10 @@ def convert(
         config = GLMConfig.from_dict(meta["model"])
     check_tensor_parallel_size(config, target_tp)
     checkpoint = ShardedCheckpoint(input_folder)
-    check_keys(checkpoint, config, exact=True)
+    check_keys(checkpoint, config, exact=not has_scales(checkpoint))
+    plan = ConversionPlan(
+        checkpoint, meta, quantization_bit_width, quantization_scheme, quantization_group_size
+    )
 
     def rank_state_dict(rank: int) -> dict:
         state_dict = {}
@@ -56,15 +71,26 @@ def convert(
             piece = checkpoint.read(key, rank, target_tp)
             if piece.untyped_storage().nbytes() != piece.numel() * piece.element_size():
                 piece = piece.clone()  # a view: torch.save would write the whole source storage
-            state_dict[key] = piece
+            state_dict.update(plan.entries(key, piece))
         return state_dict
 
     tokenizer: GLMTokenizer | dict | None = meta.get("tokenizer")
     if tokenizer is not None and tokenizer.get("type") != "icetk":
         tokenizer = GLMTokenizer.from_config(tokenizer, input_folder)
     out = write_checkpoint(
-        output_folder, rank_state_dict, config, target_tp, tokenizer, read_tag(input_folder)
+        output_folder,
+        rank_state_dict,
+        config,
+        target_tp,
+        tokenizer,
+        read_tag(input_folder),
+        extra_metadata=plan.metadata(target_tp),
     )
+    if not plan.quantized_output:
+        print(
+            "note: the output keeps float weights (--quantization-bit-width 4|8 writes a quantized one)",
+            file=sys.stderr,
+        )
     return out, checkpoint.bytes_read
 
 
@@ -84,7 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", help="model preset or config JSON, for checkpoints without model_config.json"
     )
+    quantization = parser.add_argument_group("quantization (quantized inputs are re-sharded as they are)")
+    quantization.add_argument(
+        "--quantization-bit-width", type=int, choices=[4, 8], help="write INT4 or INT8 block weights"
+    )
+    quantization.add_argument(
+        "--quantization-scheme",
+        choices=SCHEMES,
+        default="row",
+        help="row: one scale per output row (the original's); "
+        "group: one per --quantization-group-size columns",
+    )
+    quantization.add_argument(
+        "--quantization-group-size",
+        type=int,
+        help=f"input columns per scale with --quantization-scheme group (default {DEFAULT_GROUP_SIZE})",
+    )
     args = parser.parse_args(argv)
+    if args.quantization_group_size is not None and args.quantization_scheme != "group":
+        parser.error("--quantization-group-size needs --quantization-scheme group")
 
     from glm.api import resolve_config
     from glm.checkpoint import CheckpointError, remove_stale_temp_folders
@@ -94,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         out, read = convert(
-            args.input_folder, args.output_folder, args.target_tp, resolve_config(args.config)
+            args.input_folder,
+            args.output_folder,
+            args.target_tp,
+            resolve_config(args.config),
+            args.quantization_bit_width,
+            args.quantization_scheme,
+            args.quantization_group_size,
         )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
