@@ -67,10 +67,17 @@ class RowCache:
             shape = (groups, attention.num_heads, max_length * width, attention.head_dim)
             self.k.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
             self.v.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
-        self.length = 0  # the model counts tokens here; rows keep their own lengths
         self._prefill: tuple[int, int] | None = None  # (group, row) being prefilled
         self._index: Tensor | None = None  # [G, 1, W, 1] columns written by a decode step
         self._bound = max_length  # positions attended by a decode step
+
+    @property
+    def length(self) -> int:
+        return 0  # rows keep their own lengths
+
+    @length.setter
+    def length(self, value: int) -> None:
+        pass  # the model counts tokens on its KVCache; a fixed value here keeps compiled steps valid
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self._prefill is not None:  # k, v [1, nh, s, hn]: one prompt into one row; attend to itself

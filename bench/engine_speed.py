@@ -1,0 +1,266 @@
+"""Decoding-engine speed, each number beside the memory bandwidth measured just before it.
+
+Run from the repository root: `python -m bench.engine_speed --help`. One run measures:
+
+1. glm-600m (random weights, fp32) batch-1 decode through the engine's `decode_one_token`, greedy argmax:
+   weight bytes x tokens/s against fp32 `torch.mv` bandwidth.
+2. The bundled 17 M model: 64 greedy tokens through `glm.decoding.generate`, this tree against an older
+   checkout (`--baseline-tree`, e.g. `git worktree add /tmp/engine-baseline 3bdd3aa`), interleaved, each the
+   best of `--repeats` (the older code runs in a subprocess with that tree first on sys.path); with
+   `--compile`, also the engine's compiled decode step.
+3. Aggregate tokens/s of 8 concurrent seeded-sampling requests through the continuous-batching engine
+   against one request (glm-600m), wall time with prefill.
+4. HF transformers' Llama of glm-600m's shape (random weights, eager attention, same dtype) against
+   `generate`: prompt 128 + 64 new tokens (greedy, no early end), batch 1 and 8, wall time with prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.benchmark import build_model, cpu_snapshot, memory_bandwidth, other_cores, weight_bytes
+from glm.config import get_preset
+from glm.decoding import generate
+from glm.engine import Engine, Request, Rows, context_inputs
+from glm.strategies import BaseStrategy
+
+BUNDLED_PROBE = """
+import json, sys, time, torch
+torch.set_num_threads({threads})
+from glm.api import load
+from glm.decoding import generate
+from glm.strategies import BaseStrategy
+model, tokenizer = load({checkpoint!r})
+context = tokenizer.tokenize("It is a truth universally acknowledged that a single man") + [
+    tokenizer.get_command("[gMASK]"), tokenizer.sop_id]
+generate(model, [context], BaseStrategy(1, top_k=1), 8)  # warm-up
+times = []
+for _ in range({repeats}):
+    start = time.perf_counter()
+    (beams,) = generate(model, [context], BaseStrategy(1, top_k=1), {tokens})
+    times.append(time.perf_counter() - start)
+    assert len(beams[0]) == len(context) + {tokens}
+print(json.dumps({{"tokens_per_s": {tokens} / min(times), "ids": beams[0][len(context):len(context) + 8]}}))
+"""
+
+
+def bandwidth() -> float:
+    return memory_bandwidth(torch.device("cpu"), runs=3)["median_gb_per_s"]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def decode_600m(model, prompt: int, steps: int) -> dict[str, Any]:
+    """Batch-1 greedy decode through Rows.decode_one_token; seconds of the decode steps only."""
+    rows = Rows(model, 1, 1, prompt + steps + 1)
+    ids = [1] * prompt
+    positions, mask = context_inputs(prompt, None)
+    logits = rows.prefill(0, 0, ids, positions, mask)
+    token = int(logits.argmax())
+    times = []
+    for j in range(steps):
+        start = time.perf_counter()
+        column = torch.tensor([[prompt + j]])
+        logits = rows.decode_one_token(torch.tensor([[token]]), column, column)
+        token = int(logits[0, 0].argmax())
+        times.append(time.perf_counter() - start)
+    times = sorted(times[2:])  # the first steps warm up
+    median = times[len(times) // 2]
+    return {"tokens_per_s": 1 / median, "weight_gb_per_s": weight_bytes(model) / median / 1e9}
+
+
+def bundled(tree: Path, threads: int, repeats: int, tokens: int) -> dict[str, Any]:
+    code = BUNDLED_PROBE.format(
+        threads=threads,
+        checkpoint=str(Path("models/glm-bilingual").resolve()),
+        repeats=repeats,
+        tokens=tokens,
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bundled_engine(threads: int, repeats: int, tokens: int, compile: bool) -> dict[str, Any]:
+    from glm.api import load
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load()
+    context = tokenizer.tokenize("It is a truth universally acknowledged that a single man")
+    context += [tokenizer.get_command("[gMASK]"), tokenizer.sop_id]
+    engine = Engine(model, 1, 1, len(context) + tokens, compile=compile)
+    start = time.perf_counter()
+    engine.run([Request(context, BaseStrategy(1, top_k=1), tokens)])  # warm-up (and compilation)
+    warm_up = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (request,) = engine.run([Request(context, BaseStrategy(1, top_k=1), tokens)])
+        times.append(time.perf_counter() - start)
+    return {"tokens_per_s": tokens / min(times), "warm_up_s": warm_up, "ids": request.outputs[0].ids[:8]}
+
+
+def aggregate(model, concurrent: int, prompt: int, tokens: int) -> float:
+    """Tokens/s of `concurrent` seeded-sampling requests run together (wall time, prefill included)."""
+    engine = Engine(model, groups=concurrent, width=1, max_length=prompt + tokens + 1)
+
+    def request(i: int) -> Request:
+        strategy = BaseStrategy(1, top_k=40, generator=torch.Generator().manual_seed(i))
+        return Request([1 + i] * prompt, strategy, tokens)
+
+    engine.run([request(99)])  # warm-up
+    start = time.perf_counter()
+    done = engine.run([request(i) for i in range(concurrent)])
+    seconds = time.perf_counter() - start
+    return sum(len(r.outputs[0].ids) for r in done) / seconds
+
+
+def ours_vs_hf(model, batch: int, prompt: int, tokens: int) -> float:
+    contexts = [[1 + b] * prompt for b in range(batch)]
+    generate(model, contexts, BaseStrategy(batch, top_k=1), 2)  # warm-up
+    start = time.perf_counter()
+    outputs = generate(model, contexts, BaseStrategy(batch, top_k=1), tokens)
+    seconds = time.perf_counter() - start
+    assert all(len(o[0]) == prompt + tokens for o in outputs)
+    return batch * tokens / seconds
+
+
+def hf_llama(config, dtype: torch.dtype, batch: int, prompt: int, tokens: int, model=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if model is None:
+        llama_config = LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.inner_hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_attention_heads,
+            max_position_embeddings=config.max_sequence_length,
+            tie_word_embeddings=True,
+            attn_implementation="eager",
+            torch_dtype=dtype,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_config).to(dtype).eval()
+    ids = torch.stack([torch.full((prompt,), 1 + b) for b in range(batch)])
+    kwargs = {"do_sample": False, "min_new_tokens": tokens, "max_new_tokens": tokens, "pad_token_id": 0}
+    with torch.no_grad():
+        model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        seconds = time.perf_counter() - start
+    assert out.shape == (batch, prompt + tokens)
+    return batch * tokens / seconds, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--baseline-tree", type=Path, help="older checkout for the bundled-model comparison")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled decode step (bundled)")
+    parser.add_argument("--repeats", type=int, default=3, help="bundled model: runs, best taken")
+    parser.add_argument("--skip-hf", action="store_true", help="skip HF transformers' Llama")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "command": " ".join(["python -m bench.engine_speed", *sys.argv[1:]]),
+    }
+    before = cpu_snapshot()
+    rows = []
+
+    def record(name: str, value: float, unit: str, bw: float, **extra: Any) -> None:
+        rows.append({"measure": name, "value": value, "unit": unit, "mv_gb_per_s": bw, **extra})
+        print(f"{name}: {value:.2f} {unit} (mv bandwidth {bw:.1f} GB/s) {extra or ''}", flush=True)
+
+    # 2. the bundled model, old and new interleaved
+    if args.baseline_tree is not None:
+        for round_ in range(2):
+            bw = bandwidth()
+            old = bundled(args.baseline_tree.resolve(), args.threads, args.repeats, 64)
+            new = bundled(Path.cwd(), args.threads, args.repeats, 64)
+            record(f"bundled generate() old, round {round_ + 1}", old["tokens_per_s"], "tok/s", bw)
+            record(
+                f"bundled generate() new, round {round_ + 1}",
+                new["tokens_per_s"],
+                "tok/s",
+                bw,
+                ratio=new["tokens_per_s"] / old["tokens_per_s"],
+                same_tokens=old["ids"] == new["ids"],
+            )
+    bw = bandwidth()
+    eager = bundled_engine(args.threads, args.repeats, 64, compile=False)
+    record("bundled engine eager", eager["tokens_per_s"], "tok/s", bw)
+    if args.compile:
+        bw = bandwidth()
+        compiled = bundled_engine(args.threads, args.repeats, 64, compile=True)
+        record(
+            "bundled engine torch.compile",
+            compiled["tokens_per_s"],
+            "tok/s",
+            bw,
+            compile_s=compiled["warm_up_s"],
+            same_tokens=compiled["ids"] == eager["ids"],
+        )
+
+    config = get_preset("glm-600m")
+    model = build_model(config, torch.float32, torch.device("cpu"), seed=0)
+    # 1. glm-600m batch-1 decode against the bandwidth
+    bw = bandwidth()
+    decode = decode_600m(model, 128, 24)
+    record(
+        "glm-600m fp32 batch-1 decode",
+        decode["tokens_per_s"],
+        "tok/s",
+        bw,
+        weight_gb_per_s=decode["weight_gb_per_s"],
+        fraction=decode["weight_gb_per_s"] / bw,
+    )
+    # 3. continuous batching: 8 concurrent requests against one
+    bw = bandwidth()
+    one = aggregate(model, 1, 32, 24)
+    eight = aggregate(model, 8, 32, 24)
+    record("glm-600m engine, 1 request", one, "tok/s", bw)
+    record("glm-600m engine, 8 concurrent", eight, "tok/s", bw, ratio=eight / one)
+    # 4. HF Llama of the same shape
+    if not args.skip_hf:
+        llama = None
+        for batch in (1, 8):
+            bw = bandwidth()
+            ours = ours_vs_hf(model, batch, 128, 64)
+            hf, llama = hf_llama(config, torch.float32, batch, 128, 64, llama)
+            record(f"glm-600m generate() batch {batch}, 128 + 64", ours, "tok/s", bw)
+            record(f"HF Llama eager batch {batch}, 128 + 64", hf, "tok/s", bw, ours_over_hf=ours / hf)
+    results["other_cores_busy"] = other_cores(before, cpu_snapshot())
+    results["rows"] = rows
+    print(f"other processes kept {results['other_cores_busy']:.1f} cores busy on average")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
