@@ -45,6 +45,8 @@ from glm.loading import assign_weight
 # The blocks' submodules that are streamed, each a unit of its own, in forward order.
 STREAMED_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 DEFAULT_BUFFERS = 2
+READERS = 4  # disk reads in flight
+READ_CHUNK = 8 * 2**20
 _PAGE = mmap.PAGESIZE
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _SLOT_ALIGN = 4096  # each tensor in a buffer starts and ends on this boundary (direct I/O needs it)
@@ -226,7 +228,7 @@ def _memoryview(tensor: Tensor, offset: int, nbytes: int) -> memoryview:
 
 
 class DiskStore:
-    """Streamed tensors in one file of an offload folder, read back with pread by one background thread."""
+    """Streamed tensors in one file of an offload folder, read back with pread by background threads."""
 
     def __init__(self, folder: str | Path | None, drop_page_cache: bool = True) -> None:
         if folder is None:
@@ -241,8 +243,7 @@ class DiskStore:
         weakref.finalize(self, _close_and_remove, fd, self.path)
         self.size = 0
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-offload")
-        self.read_seconds = 0.0
+        self.pool = concurrent.futures.ThreadPoolExecutor(READERS, thread_name_prefix="glm-offload")
         self._direct: int | None = None
 
     def put(self, entry: _Entry, value: Tensor) -> None:
@@ -281,32 +282,40 @@ class DiskStore:
                 self._direct = -1
         return self._direct if self._direct >= 0 else None
 
-    def _read(self, unit: _Unit, slot: Tensor) -> None:
-        start = time.perf_counter()
+    def _read_range(self, fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read at {offset + done}")
+            done += got
+
+    def fetch(self, unit: _Unit, slot: Tensor, slot_index: int) -> list[concurrent.futures.Future]:
+        """Read a unit into a buffer in READ_CHUNK pieces, READERS at a time: several requests in flight
+        keep the disk busy while a reading thread waits to be scheduled on a busy CPU."""
         direct = self._direct_fd() if slot.data_ptr() % _SLOT_ALIGN == 0 else None
+        fd = self.fd if direct is None else direct
+        pieces = []
         for entry in unit.entries:
             # Direct reads cover whole blocks: the entry's file range and its buffer range are both padded.
             n = _aligned(entry.nbytes, _SLOT_ALIGN) if direct is not None else entry.nbytes
-            fd = self.fd if direct is None else direct
-            view = _memoryview(slot, entry.slot_offset, n)
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[done:]], entry.file_offset + done)
-                if got <= 0:
-                    raise OSError(f"{self.path}: short read at {entry.file_offset + done}")
-                done += got
+            for start in range(0, n, READ_CHUNK):
+                view = _memoryview(slot, entry.slot_offset + start, min(READ_CHUNK, n - start))
+                pieces.append(self.pool.submit(self._read_range, fd, view, entry.file_offset + start))
             if direct is None and self.drop_page_cache:
-                os.posix_fadvise(self.fd, entry.file_offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
-        self.read_seconds += time.perf_counter() - start
+                pieces.append(self.pool.submit(self._drop, entry))
+        return pieces
 
-    def fetch(self, unit: _Unit, slot: Tensor, slot_index: int) -> concurrent.futures.Future:
-        # One worker: fetches run in submission order, so a slot is never written by two at once.
-        return self.pool.submit(self._read, unit, slot)
+    def _drop(self, entry: _Entry) -> None:
+        os.posix_fadvise(self.fd, entry.file_offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
 
-    def wait(self, pending: concurrent.futures.Future) -> None:
-        pending.result()
+    def wait(self, pending: list[concurrent.futures.Future]) -> None:
+        for piece in pending:
+            piece.result()
 
-    def slot_free(self, slot_index: int) -> None:  # reads are synchronous with the compute thread's order
+    settle = wait  # before a buffer is refilled: its previous reads must be over (several readers)
+
+    def slot_free(self, slot_index: int) -> None:  # the compute thread waits for a unit before using it
         pass
 
 
@@ -336,7 +345,6 @@ class PinnedStore:
         self.stream = torch.cuda.Stream(device)
         self.ready = [torch.cuda.Event() for _ in range(buffers)]
         self.free = [torch.cuda.Event() for _ in range(buffers)]
-        self.read_seconds = float("nan")  # asynchronous: not measured per copy
 
     def put(self, entry: _Entry, value: Tensor) -> None:
         pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -359,6 +367,9 @@ class PinnedStore:
 
     def slot_free(self, slot_index: int) -> None:
         self.free[slot_index].record(torch.cuda.current_stream(self.device))
+
+    def settle(self, pending: torch.cuda.Event) -> None:  # copies into a buffer run in stream order
+        pass
 
 
 class WeightStreamer:
@@ -438,6 +449,8 @@ class WeightStreamer:
         return raw[skip : skip + size]
 
     def _fetch(self, index: int, slot: int) -> None:
+        if self.pending[slot] is not None:
+            self.store.settle(self.pending[slot])
         self.holding[slot] = index
         self.pending[slot] = self.store.fetch(self.units[index], self.buffers[slot], slot)
         self.bytes_streamed += self.units[index].nbytes
@@ -468,7 +481,6 @@ class WeightStreamer:
         return {
             "bytes_streamed": self.bytes_streamed,
             "wait_seconds": self.wait_seconds,
-            "read_seconds": self.store.read_seconds,
         }
 
 

@@ -313,3 +313,13 @@ def test_streams_the_quantization_transforms_packed_layers(checkpoint, bits):
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
         assert torch.equal(a, b)
+
+
+def test_reads_split_into_many_concurrent_chunks(checkpoint, monkeypatch):
+    monkeypatch.setattr("glm.offload.READ_CHUNK", 4096)  # every matrix read in several pieces at once
+    reference, _ = load_model(checkpoint, dtype="float32")
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload("40%", "cpu", torch.float32)])
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    for _ in range(3):
+        for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
+            assert torch.equal(a, b)
