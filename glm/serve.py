@@ -137,15 +137,29 @@ def parse_prompts(body: dict) -> list[str]:
 
 
 class Service:
-    """The engine on its own thread, and the translation of HTTP requests into engine requests."""
+    """The engine on its own thread, and the translation of HTTP requests into engine requests.
 
-    def __init__(self, engine: Engine, tokenizer: GLMTokenizer, model_name: str) -> None:
+    HTTP handlers `submit` and `cancel`; the engine thread applies both between steps. Under tensor
+    parallelism (rank 0 serves HTTP, every rank runs the engine) rank 0 broadcasts, before every step,
+    the requests that join and those cancelled, and the other ranks (`follow`) apply the same before the
+    same step; each token is then decided by rank 0 (glm.distributed.synchronized).
+    """
+
+    def __init__(self, engine: Engine, tokenizer: GLMTokenizer, model_name: str, max_queue: int = 0) -> None:
+        from glm import distributed
+
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.max_queue = max_queue
         masks = sorted(tokenizer.mask_ids.values())
         self.invalid = [slice(masks[0], masks[-1] + 1), slice(tokenizer.vocab_size, None)]
         self.end_tokens = [tokenizer.eop_id, tokenizer.eos_id]
+        self.distributed = distributed.current().tensor_parallel_size > 1
+        self._lock = threading.Lock()
+        self._incoming: list[Request] = []
+        self._cancelled: list[Request] = []
+        self._specs: dict[Request, tuple] = {}  # what the other ranks need to build the same request
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
@@ -156,14 +170,35 @@ class Service:
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=600)
+
+    def _plan(self) -> tuple[list[Request], list[Request]]:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancelled, self._cancelled = self._cancelled, []
+        return incoming, cancelled
 
     def _loop(self) -> None:
-        while not self._stop:
-            if not self.engine.busy:
+        from glm import distributed
+
+        uid: dict[Request, int] = {}
+        while True:
+            incoming, cancelled = self._plan()
+            stop = self._stop and not incoming and not self.engine.busy
+            if not (incoming or cancelled or self.engine.busy or stop):
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            if self.distributed:  # the same plan on every rank, before the same step
+                for request in [r for r in uid if r.done]:
+                    del uid[request]
+                for request in incoming:
+                    uid[request] = len(uid)
+                specs = [(uid[r], *self._specs[r]) for r in incoming]
+                distributed.broadcast_object((specs, [uid[r] for r in cancelled if r in uid], stop))
+            if stop:
+                return
+            self._apply(incoming, cancelled)
             try:
                 self.engine.step()
             except Exception as error:  # the model failed: fail what runs, keep serving
@@ -171,16 +206,59 @@ class Service:
                 for request in list(self.engine.running):
                     request.error = error
                     self.engine.cancel(request)
+            for request in incoming:
+                self._specs.pop(request, None)
+
+    def _apply(self, incoming: list[Request], cancelled: list[Request]) -> None:
+        for request in incoming:
+            self.engine.submit(request)
+        for request in cancelled:
+            self.engine.cancel(request)
+
+    def follow(self) -> None:
+        """The engine loop of a tensor-parallel rank other than 0: rank 0's plan, then the same step."""
+        from glm import distributed
+
+        requests: dict[int, Request] = {}
+        while True:
+            specs, cancelled, stop = distributed.broadcast_object(None)
+            if stop:
+                return
+            incoming = []
+            for uid, *spec in specs:
+                request = self.make_request(
+                    *spec, on_step=None, on_finish=lambda r, u=uid: requests.pop(u, None)
+                )
+                self._specs.pop(request)
+                requests[uid] = request
+                incoming.append(request)
+            self._apply(incoming, [requests[u] for u in cancelled if u in requests])
+            self.engine.step()
 
     def submit(self, request: Request) -> None:
-        from glm.engine import QueueFull
-
+        """Queue a request made by make_request (BadRequest: 429 when the queue is full, 400 if it can never
+        run)."""
         try:
-            self.engine.submit(request)
-        except QueueFull as error:
-            raise BadRequest(f"the server is busy ({error}); retry later", None, 429) from None
+            self.engine.check(request)
         except ValueError as error:
             raise BadRequest(str(error), "max_tokens") from None
+        with self._lock:
+            waiting = len(self.engine.waiting) + len(self._incoming)
+            if self.max_queue and waiting >= self.max_queue:
+                raise BadRequest(f"the server is busy ({waiting} requests waiting); retry later", None, 429)
+            self._incoming.append(request)
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away) and free its rows, at the next step."""
+        with self._lock:
+            if request in self._incoming:
+                self._incoming.remove(request)
+                self._specs.pop(request, None)
+                request.cancelled = True
+                request.outputs = []
+                return
+            self._cancelled.append(request)
         self._wake.set()
 
     def make_request(
@@ -197,7 +275,9 @@ class Service:
         from glm.engine import Penalties, Request
         from glm.strategies import BaseStrategy, BeamSearchStrategy
 
-        seed = params["seed"] if params["seed"] is not None else secrets.randbits(63)
+        if params["seed"] is None:  # a request of its own, independent of its neighbours
+            params = {**params, "seed": secrets.randbits(63)}
+        seed = params["seed"]
         generator = torch.Generator(self.engine.device).manual_seed(seed % 2**64)
         if params["num_beams"] > 1:
             strategy: Any = BeamSearchStrategy(
@@ -224,7 +304,7 @@ class Service:
         penalties = Penalties(
             params["repetition_penalty"], params["presence_penalty"], params["frequency_penalty"]
         )
-        return Request(
+        request = Request(
             [*prompt_ids, self.tokenizer.sop_id],
             strategy,
             max_tokens,
@@ -235,6 +315,8 @@ class Service:
             on_step=on_step,
             on_finish=on_finish,
         )
+        self._specs[request] = (prompt_ids, mask_position, params, max_tokens)
+        return request
 
 
 class Watch:
@@ -326,8 +408,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         finally:
             for request in requests:
                 if not request.done:
-                    engine.cancel(request)
-            service._wake.set()
+                    service.cancel(request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -382,7 +463,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                 service.submit(request)
             except BadRequest:
                 for submitted in requests:
-                    engine.cancel(submitted)
+                    service.cancel(submitted)
                 raise
         n = requests[0].width if params["num_beams"] == 1 else 1
         created = int(time.time())
@@ -540,10 +621,9 @@ def main(args: argparse.Namespace) -> int:
     for name in ("groups", "width", "max_queue"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if distributed.current().world_size > 1:
-        raise ValueError(
-            "serving under tensor parallelism is not implemented yet: start glm-serve as one process"
-        )
+    parallel = distributed.current()
+    if parallel.data_parallel_size > 1:
+        raise ValueError("glm-serve runs one model replica: launch tensor-parallel-size processes")
     model, tokenizer = load_from_args(args)
     max_length = args.max_length or model.config.max_sequence_length
     if not 2 < max_length <= model.config.max_sequence_length:
@@ -554,12 +634,15 @@ def main(args: argparse.Namespace) -> int:
         width=args.width,
         max_length=max_length,
         detokenize=tokenizer.detokenize,
-        max_queue=args.max_queue,
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
     )
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(Service(engine, tokenizer, name), api_key=args.api_key)
+    service = Service(engine, tokenizer, name, max_queue=args.max_queue)
+    if not parallel.is_main:  # rank 0 serves HTTP; the others run the same steps
+        service.follow()
+        return 0
+    app = create_app(service, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=600)
     return 0
 
