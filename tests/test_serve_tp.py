@@ -1,0 +1,87 @@
+"""glm-serve under tensor parallelism (2 ranks, gloo, launched by torchrun): rank 0 serves HTTP and every
+rank runs the same steps; answers equal the single-process engine's, for greedy, beam search and seeded
+sampling in one concurrent batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from glm.api import load
+from glm.engine import Engine
+from glm.infill import prepare_query
+from glm.serve import Service, parse_params
+from tests.test_serve import MODEL, ROOT, free_port, get
+
+CASES = [
+    ("Tsinghua University is located in [MASK].", {"temperature": 0, "max_tokens": 8}),
+    ("The river", {"temperature": 0, "num_beams": 3, "max_tokens": 8}),
+    ("It is a truth universally acknowledged", {"temperature": 0.8, "seed": 5, "max_tokens": 10}),
+]
+
+
+def single_process_answers() -> list[str]:
+    model, tokenizer = load()
+    engine = Engine(model, groups=4, width=4, max_length=128, detokenize=tokenizer.detokenize)
+    service = Service(engine, tokenizer, MODEL)
+    answers = []
+    for prompt, body in CASES:
+        params = parse_params(body, 4, 128)
+        query = prepare_query(prompt, tokenizer)
+        position = None if query.use_gmask else query.ids.index(query.mask_id)
+        request = service.make_request(
+            query.ids, position, params, params["max_tokens"], None, lambda r: None
+        )
+        (request,) = engine.run([request])
+        answers.append(tokenizer.detokenize(request.outputs[0].ids))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def tp_server():
+    port = free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher += ["--master-port", str(free_port())]
+    command = [*launcher, "-m", "glm.serve", "--port", str(port), "--max-length", "128"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    process = subprocess.Popen(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if get(f"{url}/health").status_code == 200:
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise RuntimeError("the tensor-parallel glm-serve did not start") from None
+            time.sleep(0.5)
+    yield process, url
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_tensor_parallel_server_answers_as_one_process(tp_server):
+    process, url = tp_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(case):
+        prompt, body = case
+        extra = {k: v for k, v in body.items() if k == "num_beams"}  # glm-serve's own fields
+        known = {k: v for k, v in body.items() if k not in extra}
+        return (
+            client.completions.create(model=MODEL, prompt=prompt, extra_body=extra, **known).choices[0].text
+        )
+
+    with ThreadPoolExecutor(len(CASES)) as pool:  # one batch over both ranks
+        answers = list(pool.map(ask, CASES))
+    assert answers == single_process_answers()
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on; rank 0 stops the followers
+    assert process.wait(60) is not None
