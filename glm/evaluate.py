@@ -11,6 +11,9 @@ loaded; each task prints its per-file results and per-group max / median / avera
   the command line. `--save-predictions` writes `evaluate-<time>.predictions.jsonl` the same way: per sample
   the input, the choices (every choice's score) or targets, and the prediction;
 * progress goes to stderr: a bar on a terminal, a line per 10 % and per file otherwise (log files).
+
+Building the parser imports no torch (`--help` and flag errors answer at once); torch and the task classes
+load after parsing.
 """
 
 from __future__ import annotations
@@ -23,30 +26,33 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from glm.api import add_model_arguments, load_from_args, run_cli
-from glm.distributed import is_main
+from glm.api import ArgumentParser, add_model_arguments, load_from_args, run_cli
 from glm.evaluation.config import ConfigError, collect_task_files, load_task_config, resolve_file_groups
 from glm.evaluation.report import ALL_DONE, TASK_LOADED, TASKS_LOADED
-from glm.evaluation.tasks import BaseTask, TaskResult, task_class
+from glm.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from glm.evaluation.tasks import BaseTask, TaskResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="evaluate",
         description="Evaluate a GLM model on YAML-configured tasks (multiple choice, generation, language "
         "modelling), in the original GLM-130B evaluator's format.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("tasks", nargs="*", metavar="TASK", help="task YAML files or folders (recursive)")
+    parser.add_argument(
+        "tasks",
+        nargs="*",
+        metavar="TASK",
+        help="task YAML files or folders (recursive) (default: none; give TASK or --task)",
+    )
     parser.add_argument(
         "--task", nargs="+", action="extend", default=[], help="more task YAML files or folders (recursive)"
     )
@@ -74,24 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write every sample's input, choices (with scores) or targets, and prediction",
     )
     out.add_argument(
-        "--limit", type=int, help="only the first N items (LM: windows) of each file, for quick checks"
+        "--limit",
+        type=int,
+        help="only the first N items (LM: windows) of each file, for quick checks (default: all)",
     )
     return parser
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, with the umask's file mode."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _now() -> str:
@@ -110,6 +103,8 @@ def _git(*args: str) -> str | None:
 
 def run_info(argv: list[str]) -> dict[str, Any]:
     """What produced a results file: versions, commit, command line."""
+    import torch
+
     try:
         version = importlib.metadata.version("glm130b-py")
     except importlib.metadata.PackageNotFoundError:
@@ -130,6 +125,8 @@ def check_tasks(
     paths: list[str], data_root: Path, micro_batch_size: int | None
 ) -> list[tuple[Path, Any, type[BaseTask]]]:
     """Every config read, its class resolved and every data file checked, before any model is loaded."""
+    from glm.evaluation.tasks import task_class  # torch
+
     files = collect_task_files(paths)
     if not files:
         raise FileNotFoundError(f"no task YAML (*.yaml, *.yml) found in {', '.join(paths)}")
@@ -156,6 +153,10 @@ def check_tasks(
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from glm.distributed import is_main
+
     paths = [*args.tasks, *args.task]
     if not paths:
         raise ValueError("no task given: pass task YAML files or folders")
@@ -206,10 +207,10 @@ def main(args: argparse.Namespace) -> int:
         report["tasks"] = [
             r.to_json() | {"config_file": str(f)} for r, (f, _, _) in zip(results, tasks, strict=False)
         ]
-        write_atomic(output, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(output, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         if args.save_predictions:
             lines = [json.dumps(p, ensure_ascii=False) + "\n" for r in results for p in r.predictions]
-            write_atomic(predictions_file, "".join(lines))
+            write_text_atomic(predictions_file, "".join(lines))
 
     save("running")
     print(f"Results are written to {output} after every task", file=sys.stderr)

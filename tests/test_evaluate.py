@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,11 +284,12 @@ def test_results_record_what_produced_them(tiny_checkpoint, data, capsys) -> Non
     argv += ["--output-dir", out_dir, "--micro-batch-size", "3"]
     old = os.umask(0o027)
     try:
-        assert run(argv) == 0
+        assert run([*argv, "--save-predictions"]) == 0
     finally:
         os.umask(old)
     (results,) = out_dir.glob("evaluate-*.json")
-    assert results.stat().st_mode & 0o777 == 0o640  # 0o666 & ~umask, not mkstemp's 0o600
+    for written in (results, results.with_suffix(".predictions.jsonl")):
+        assert written.stat().st_mode & 0o777 == 0o640  # 0o666 & ~umask, not mkstemp's 0o600
     report = json.loads(results.read_text())
     commit = subprocess.run(
         ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True
@@ -365,14 +367,14 @@ def test_finished_tasks_survive_an_interruption(tiny_checkpoint, data, capsys, m
 
 def test_results_are_written_after_every_task(tiny_checkpoint, data, monkeypatch) -> None:
     seen: list[dict] = []
-    real = evaluate_module.write_atomic
+    real = evaluate_module.write_text_atomic
 
     def spy(path, text):
         real(path, text)
         if path.suffix == ".json":
             seen.append(json.loads(text))
 
-    monkeypatch.setattr(evaluate_module, "write_atomic", spy)
+    monkeypatch.setattr(evaluate_module, "write_text_atomic", spy)
     argv = [data / "tasks/lm.yml", data / "tasks/mul.yaml", "--checkpoint", tiny_checkpoint]
     assert run([*argv, "--data-path", data / "data", "--output-dir", data / "out"]) == 0
     assert [(len(r["tasks"]), r["complete"]) for r in seen] == [(0, False), (1, False), (2, False), (2, True)]
@@ -456,6 +458,17 @@ def test_output_dir_is_checked_before_the_model_loads(data, capsys, monkeypatch)
     ]
     assert run([data / "tasks/mul.yaml", *args]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_parser_and_help_import_no_torch() -> None:
+    code = (
+        "import sys, glm.evaluate as m; m.build_parser().format_help(); "
+        "print(sorted(n for n in sys.modules if n == 'torch' or n.startswith('torch.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def test_evaluate_script_help() -> None:
