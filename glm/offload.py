@@ -237,6 +237,12 @@ class DiskStore:
         else:
             self.folder = Path(folder)
             self.folder.mkdir(parents=True, exist_ok=True)
+        kind = _filesystem(self.folder)
+        if kind in ("tmpfs", "ramfs"):
+            raise OffloadError(
+                f"offload folder {self.folder} is on {kind}, which lives in memory: give --offload-folder a "
+                "folder on a disk"
+            )
         fd, path = tempfile.mkstemp(prefix="weights-", suffix=".bin", dir=self.folder)
         self.path = Path(path)
         self.fd = fd
@@ -317,6 +323,17 @@ class DiskStore:
 
     def slot_free(self, slot_index: int) -> None:  # the compute thread waits for a unit before using it
         pass
+
+
+def _filesystem(folder: Path) -> str | None:
+    """The file system type of the mount holding `folder` (Linux), or None when unknown."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    folder = folder.resolve()
+    best = max((m for m in mounts if folder.is_relative_to(m[0])), key=lambda m: len(m[0]), default=None)
+    return None if best is None else best[1]
 
 
 def _keep_large_allocations_returnable() -> None:

@@ -323,3 +323,11 @@ def test_reads_split_into_many_concurrent_chunks(checkpoint, monkeypatch):
     for _ in range(3):
         for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    not Path("/dev/shm").is_dir() or "tmpfs" not in Path("/proc/mounts").read_text(), reason="needs tmpfs"
+)
+def test_an_offload_folder_in_memory_is_refused(checkpoint):
+    with pytest.raises(OffloadError, match="lives in memory: give --offload-folder a folder on a disk"):
+        load_model(checkpoint, transforms=[Offload("40%", "cpu", torch.float32, folder="/dev/shm/glm-test")])
