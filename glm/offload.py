@@ -231,18 +231,18 @@ class DiskStore:
     """Streamed tensors in one file of an offload folder, read back with pread by background threads."""
 
     def __init__(self, folder: str | Path | None, drop_page_cache: bool = True) -> None:
+        kind = _filesystem(Path(folder or tempfile.gettempdir()))
+        if kind in ("tmpfs", "ramfs"):
+            raise OffloadError(
+                f"offload folder {folder or tempfile.gettempdir()} is on {kind}, which lives in memory: give "
+                "--offload-folder a folder on a disk"
+            )
         if folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="glm-offload-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
         else:
             self.folder = Path(folder)
             self.folder.mkdir(parents=True, exist_ok=True)
-        kind = _filesystem(self.folder)
-        if kind in ("tmpfs", "ramfs"):
-            raise OffloadError(
-                f"offload folder {self.folder} is on {kind}, which lives in memory: give --offload-folder a "
-                "folder on a disk"
-            )
         fd, path = tempfile.mkstemp(prefix="weights-", suffix=".bin", dir=self.folder)
         self.path = Path(path)
         self.fd = fd
