@@ -24,12 +24,14 @@ import functools
 import sys
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from glm.checkpoint import read_metadata
 from glm.config import GLMConfig
 from glm.loading import resolve_dtype
 from glm.model import GLM, KVCache
@@ -357,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run_config(args.config)
         config = run.model
+        if config is None and run.checkpoint is not None:  # the shape stored with the checkpoint
+            meta = read_metadata(Path(run.checkpoint)) or {}
+            config = GLMConfig.from_dict(meta["model"]) if "model" in meta else None
         if config is None:
-            raise ValueError(f"--config {args.config} names no model shape (it is read from a checkpoint)")
+            raise ValueError(f"--config {args.config} names no model shape and no checkpoint that stores one")
         if args.hardware_table:
             print(format_hardware_table(hardware_table(config, args.batch_size, args.max_length)))
             return 0

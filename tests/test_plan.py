@@ -107,3 +107,20 @@ def test_cli_says_fits_or_prints_the_offload_needed():
         [*run, "--config", "glm-130b", "--max-memory", "lots"], cwd=REPO, capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: memory 'lots'")
+
+
+def test_a_config_naming_a_checkpoint_plans_its_stored_shape():
+    from glm.api import DEFAULT_MODEL
+    from glm.checkpoint import read_metadata
+    from glm.config import GLMConfig
+
+    shape = GLMConfig.from_dict(read_metadata(DEFAULT_MODEL)["model"])
+    out = subprocess.run(
+        [sys.executable, "-m", "glm.plan", "--config", "glm-bilingual", "--device-memory", "1GiB"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "fits in 1.00 GiB" in out.stdout
+    total = f"weights total {shape.num_parameters() * 4 / 1e9:.2f} GB"  # fp32 on the CPU
+    assert " ".join(total.split()) in " ".join(out.stdout.split())
