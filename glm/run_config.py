@@ -132,10 +132,15 @@ def _read_yaml(path: Path) -> RunConfig:
 
 def apply_run_config(args: argparse.Namespace) -> RunConfig:
     """Fill every flag the user left unset (None) from `args.config`; returns the resolved run config."""
+    from glm.api import DEFAULT_MODEL
+
     run = load_run_config(getattr(args, "config", None))
     for key in _FIELDS:
         if key != "model" and hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, getattr(run, key))
+    # --checkpoint defaults to the bundled model rather than None: left at that default, the config's wins.
+    if run.checkpoint is not None and getattr(args, "checkpoint", None) == str(DEFAULT_MODEL):
+        args.checkpoint = run.checkpoint
     return run
 
 

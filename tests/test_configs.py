@@ -94,6 +94,17 @@ def test_flags_given_win_over_the_config():
     assert run.quantization_bit_width == 4
 
 
+def test_a_config_checkpoint_replaces_the_default_one(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("checkpoint: /data/glm-130b\n")
+    args = argparse.Namespace(config=str(path), checkpoint=str(DEFAULT_MODEL))
+    apply_run_config(args)
+    assert args.checkpoint == "/data/glm-130b"
+    args = argparse.Namespace(config=str(path), checkpoint="/mine")
+    apply_run_config(args)
+    assert args.checkpoint == "/mine"
+
+
 def test_shell_scripts_can_read_one_key():
     out = subprocess.run(
         [sys.executable, "-m", "glm.run_config", "glm-130b-int4", "tensor_parallel_size"],
