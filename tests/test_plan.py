@@ -12,6 +12,7 @@ from test_offload import MEMORY_CONFIG, build_memory_checkpoint, probe
 
 from glm.config import get_preset
 from glm.plan import ORIGINAL_HARDWARE, hardware_table, plan_memory
+from glm.plan import main as plan_main
 
 GLM_130B = get_preset("glm-130b")
 REPO = Path(__file__).resolve().parent.parent
@@ -89,24 +90,15 @@ def test_plan_is_within_10_percent_of_a_measured_run(checkpoint, batch, length):
     assert plan.total == pytest.approx(measured, rel=0.10)
 
 
-def test_cli_says_fits_or_prints_the_offload_needed():
-    run = [sys.executable, "-m", "glm.plan", "--max-length", "512"]
-    fits = subprocess.run(
-        [*run, "--config", "glm-130b-int4", "--device-memory", "24GiB"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert fits.returncode == 0 and "fits in 24.00 GiB" in fits.stdout
-    too_big = subprocess.run(
-        [*run, "--config", "glm-130b", "--device-memory", "24GiB"], cwd=REPO, capture_output=True, text=True
-    )
-    assert too_big.returncode == 1
-    assert "does NOT fit" in too_big.stdout and "with offload (--max-memory" in too_big.stdout
-    bad = subprocess.run(
-        [*run, "--config", "glm-130b", "--max-memory", "lots"], cwd=REPO, capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and bad.stderr.startswith("error: memory 'lots'")
+def test_cli_says_fits_or_prints_the_offload_needed(capsys):
+    common = ["--max-length", "512"]
+    assert plan_main([*common, "--config", "glm-130b-int4", "--device-memory", "24GiB"]) == 0
+    assert "fits in 24.00 GiB" in capsys.readouterr().out
+    assert plan_main([*common, "--config", "glm-130b", "--device-memory", "24GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "with offload (--max-memory" in out
+    assert plan_main([*common, "--config", "glm-130b", "--max-memory", "lots"]) == 2
+    assert capsys.readouterr().err.startswith("error: memory 'lots'")
 
 
 def test_a_config_naming_a_checkpoint_plans_its_stored_shape():
