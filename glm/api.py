@@ -220,8 +220,12 @@ def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     """Run a command line's main: a user error (a ValueError, as CheckpointError is, or an OSError) becomes
     one `error: ...` line and exit status 2; Ctrl-C exits with 130."""
     from glm import distributed  # torch; after parsing
+    from glm.run_config import apply_run_config
 
     try:
+        # Before the process group starts, so a run config's tensor_parallel_size reaches it.
+        if hasattr(args, "checkpoint"):
+            apply_run_config(args)
         with distributed.session(args):  # a process group under torchrun / deepspeed
             sys.exit(main(args))
     except (ValueError, OSError) as e:
