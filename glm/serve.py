@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -219,6 +220,9 @@ class Service:
         """The engine loop of a tensor-parallel rank other than 0: rank 0's plan, then the same step."""
         from glm import distributed
 
+        # A stop (SIGTERM to the whole job) is rank 0's to decide: it lets in-flight requests finish, then
+        # tells every rank to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         requests: dict[int, Request] = {}
         while True:
             specs, cancelled, stop = distributed.broadcast_object(None)

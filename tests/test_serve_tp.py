@@ -4,12 +4,14 @@ sampling in one concurrent batch."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -44,6 +46,18 @@ def single_process_answers() -> list[str]:
     return answers
 
 
+def alive(group: int) -> bool:
+    """Whether a process of process group `group` is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def tp_server():
     port = free_port()
@@ -64,7 +78,7 @@ def tp_server():
                 raise RuntimeError("the tensor-parallel glm-serve did not start") from None
             time.sleep(0.5)
     yield process, url
-    if process.poll() is None:
+    with contextlib.suppress(ProcessLookupError):  # whatever is left of the job
         os.killpg(process.pid, signal.SIGKILL)
 
 
@@ -83,5 +97,9 @@ def test_tensor_parallel_server_answers_as_one_process(tp_server):
     with ThreadPoolExecutor(len(CASES)) as pool:  # one batch over both ranks
         answers = list(pool.map(ask, CASES))
     assert answers == single_process_answers()
-    process.send_signal(signal.SIGTERM)  # torchrun passes it on; rank 0 stops the followers
-    assert process.wait(60) is not None
+    os.killpg(process.pid, signal.SIGTERM)  # as a service manager stops the job: every process
+    process.wait(60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and alive(process.pid):
+        time.sleep(0.5)
+    assert not alive(process.pid), "ranks left running after SIGTERM"
