@@ -603,8 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--api-key",
-        default=os.environ.get("GLM_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (env GLM_API_KEY)",
+        help="require 'Authorization: Bearer KEY' (default: the GLM_API_KEY environment variable, else none)",
     )
     engine = parser.add_argument_group("engine")
     engine.add_argument("--groups", type=int, default=4, help="row groups of the KV cache")
@@ -646,7 +645,7 @@ def main(args: argparse.Namespace) -> int:
     if not parallel.is_main:  # rank 0 serves HTTP; the others run the same steps
         service.follow()
         return 0
-    app = create_app(service, api_key=args.api_key)
+    app = create_app(service, api_key=args.api_key or os.environ.get("GLM_API_KEY"))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=600)
     return 0
 
