@@ -400,9 +400,8 @@ class Engine:
                 self._release(request)
                 self._finish(request, [])
                 continue
-            self.running.append(request)
-            if request.done:  # finished at its first token
-                self.running.remove(request)
+            if not request.done:  # else it finished at its first token
+                self.running.append(request)
 
     def _start(self, request: Request) -> None:
         request.strategy = synchronized(request.strategy)  # tensor parallel: rank 0 decides
@@ -529,6 +528,8 @@ class Engine:
             request._rows = []
 
     def _finish(self, request: Request, outputs: list[Output]) -> None:
+        if request in self.running:  # before the caller hears of it: it holds no rows any more
+            self.running.remove(request)
         request.outputs = outputs
         if request.on_finish is not None:
             request.on_finish(request)
@@ -538,7 +539,6 @@ class Engine:
     def step(self) -> None:
         """Admit what fits, then one decode step for every running request."""
         for request in [r for r in self.running if r.cancelled]:
-            self.running.remove(request)
             self._release(request)
             self._finish(request, [])
         self._admit()
@@ -567,8 +567,6 @@ class Engine:
                 request.error = error
                 self._release(request)
                 self._finish(request, [])
-            if request.done:
-                self.running.remove(request)
 
     def run(self, requests: Sequence[Request]) -> list[Request]:
         """Submit requests and step until all are done (the synchronous use)."""
