@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_CHILD = """
+# Memory and I/O counters of the child process; the load scripts of bench/ start from these.
+CHILD_PRELUDE = """
 import json, sys, torch
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def read_bytes():
         if line.startswith("read_bytes:"):
             return int(line.split()[1])
 
+"""
+
+_CHILD = (
+    CHILD_PRELUDE
+    + """
 from glm.config import get_preset
 from glm.loading import load_model
 from glm.model import GLM
@@ -54,6 +60,7 @@ print(json.dumps({
     "largest_tensor": max(t.numel() * t.element_size() for t in tensors),
 }))
 """
+)
 
 
 def evict(folder: Path) -> None:

@@ -17,19 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.load_memory import cpu_name, evict, make_checkpoint
+from bench.load_memory import CHILD_PRELUDE, cpu_name, evict, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_CHILD = """
-import json, sys, torch
-from pathlib import Path
-
-def status(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
+_CHILD = (
+    CHILD_PRELUDE
+    + """
 from glm.config import get_preset
 from glm.loading import load_model
 from glm.model import GLM
@@ -49,6 +43,7 @@ print(json.dumps({
     "largest_tensor": max(t.numel() * t.element_size() for t in tensors.values()),
 }))
 """
+)
 
 SETTINGS = {
     "fp32 (no quantization)": {},

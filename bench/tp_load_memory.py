@@ -14,28 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bench.load_memory import CHILD_PRELUDE, cpu_name, evict, make_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 
-_CHILD = """
-import json, sys, torch
-from pathlib import Path
-
-def status(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-def read_bytes():
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-
+_CHILD = (
+    CHILD_PRELUDE
+    + """
 from glm import tensor_parallel
 from glm.config import get_preset
 from glm.distributed import Parallel
@@ -56,15 +46,7 @@ print(json.dumps({
     "shard_bytes": sum(t.numel() * t.element_size() for t in tensors),
 }))
 """
-
-
-def evict(folder: Path) -> None:
-    for path in folder.rglob("*.pt"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+)
 
 
 def measure(folder: Path, dtype: str, rank: int, size: int) -> dict:
@@ -81,28 +63,6 @@ def measure(folder: Path, dtype: str, rank: int, size: int) -> dict:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["goal"] = int(1.15 * result["shard_bytes"])
     return result
-
-
-def make_checkpoint(preset: str, shards: int, folder: Path) -> Path:
-    """A checkpoint of `preset` with random weights, fp16 on disk, in `shards` rank files."""
-    import torch
-
-    from glm.checkpoint import save_checkpoint
-    from glm.config import get_preset
-    from glm.model import GLM, init_random_weights
-
-    config = get_preset(preset)
-    with torch.device("meta"):
-        model = GLM(config)
-    model = init_random_weights(model.to(torch.float16).to_empty(device="cpu"))
-    return save_checkpoint(model.state_dict(), folder, config, None, shards)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
