@@ -33,7 +33,7 @@ import torch
 
 from bench.benchmark import cpu_snapshot, other_cores
 from glm.config import get_preset
-from glm.loading import assign_weight, resolve_dtype
+from glm.loading import finish_loading, hand_over, resolve_dtype
 from glm.model import GLM
 from glm.offload import Offload, format_bytes
 
@@ -100,8 +100,7 @@ def fill_weights(model: GLM, dtype: torch.dtype, seed: int) -> None:
     ints = torch.randint(-128, 128, (2**23,), dtype=torch.int8, generator=generator)
     cpu = torch.device("cpu")
     for key, meta in [*model.named_parameters(), *model.named_buffers()]:
-        owner_name, _, name = key.rpartition(".")
-        owner = model.get_submodule(owner_name)
+        name = key.rpartition(".")[2]
         tensor = torch.empty(meta.shape, dtype=dtype if meta.is_floating_point() else meta.dtype)
         if "layernorm" in key:
             tensor.fill_(1.0 if name == "weight" else 0.0)
@@ -109,16 +108,9 @@ def fill_weights(model: GLM, dtype: torch.dtype, seed: int) -> None:
             tensor.fill_(0.002)
         else:
             random_fill(tensor, (floats if tensor.is_floating_point() else ints).view(torch.uint8))
-        load = getattr(owner, "load_weight", None)
-        if load is not None:
-            load(name, tensor, dtype, cpu)
-        else:
-            assign_weight(owner, name, tensor, dtype, cpu)
+        hand_over(model, key, tensor, dtype, cpu)
         del tensor
-    for module in model.modules():
-        finish = getattr(module, "finish_loading", None)
-        if finish is not None:
-            finish()
+    finish_loading(model)
 
 
 def decode(model: GLM, prompt_length: int, steps: int) -> list[tuple[float, int]]:

@@ -93,30 +93,45 @@ def check_keys(checkpoint: ShardedCheckpoint, config: GLMConfig, exact: bool = F
             )
 
 
+def hand_over(model: GLM, key: str, tensor: Tensor, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Give `tensor` to the module owning `key`: its `load_weight` if it has one, else `assign_weight`.
+    Returns the owner."""
+    owner_name, _, name = key.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    if owner is None or not hasattr(owner, name):
+        raise CheckpointError(f"unexpected key '{key}' for this model")
+    load = getattr(owner, "load_weight", None)
+    if load is not None:
+        load(name, tensor, dtype, device)
+    else:
+        assign_weight(owner, name, tensor, dtype, device)
+    return owner
+
+
+def finish_loading(model: GLM) -> None:
+    """Run every module's `finish_loading` hook, once all its tensors have arrived."""
+    for module in model.modules():
+        finish = getattr(module, "finish_loading", None)
+        if finish is not None:
+            finish()
+
+
 def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, device: torch.device) -> GLM:
     """Stream the checkpoint into a (transformed) meta model, key by key; see the module docstring."""
     check_keys(checkpoint, model.config)
     shard: ShardSpec = getattr(model, "shard", ShardSpec())
     for key in checkpoint.keys:
-        owner_name, _, name = key.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_name)
-        except AttributeError:
-            owner = None
-        if owner is None or not hasattr(owner, name):
-            raise CheckpointError(f"{checkpoint.folder}: unexpected key '{key}' for this model")
         tensor = checkpoint.read(key, shard.rank, shard.world_size)
-        load = getattr(owner, "load_weight", None)
-        if load is not None:
-            load(name, tensor, dtype, device)
-        else:
-            assign_weight(owner, name, tensor, dtype, device)
+        try:
+            owner = hand_over(model, key, tensor, dtype, device)
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoint.folder}: {e}") from None
         del tensor
-        checkpoint.release(key, kept=getattr(owner, name, None))
-    for module in model.modules():
-        finish = getattr(module, "finish_loading", None)
-        if finish is not None:
-            finish()
+        checkpoint.release(key, kept=getattr(owner, key.rpartition(".")[2], None))
+    finish_loading(model)
     unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unloaded:
         more = f" and {len(unloaded) - 3} more" if len(unloaded) > 3 else ""

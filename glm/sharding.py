@@ -243,11 +243,3 @@ def slice_views(key: str, sources: Sequence[Tensor], rank: int, world_size: int)
         pieces = [s.chunk(halves, dim=0)[half] for s in sources] if halves == 2 else list(sources)
         views += _concat_range(pieces, dim, rank * part, (rank + 1) * part)
     return views
-
-
-def read_slice(key: str, sources: Sequence[Tensor], rank: int, world_size: int) -> Tensor:
-    """Part `rank` of `world_size` of `key` from its source shards; a view when one source holds it all."""
-    views = slice_views(key, sources, rank, world_size)
-    if len(views) == 1:
-        return views[0]
-    return torch.cat(views, dim=split_dim(split_rule(key)))
