@@ -1,4 +1,5 @@
-"""Batched decoding with a static KV cache: each context prefilled, then one token per step (glm.engine).
+"""Batched decoding with a static KV cache: the contexts prefilled together, then one token per step
+(glm.engine).
 
 The inputs follow GLM-130B's blank infilling: the context (ending in `sop`) is bidirectional except for
 `sop`, which with everything generated after it is causal; positions are linear for `[gMASK]` and all equal
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from glm.distributed import synchronized
-from glm.engine import Rows, context_inputs, generated_position
+from glm.engine import MAX_PREFILL_TOKENS, Prompt, Rows, context_inputs, generated_position
 from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 
@@ -87,6 +88,7 @@ def generate(
     mask_positions: Sequence[int | None] | None = None,
     on_step: Callable[[Tensor], None] | None = None,
     unidirectional: bool = False,
+    max_prefill_tokens: int = MAX_PREFILL_TOKENS,
 ) -> list[list[list[int]]]:
     """Generate up to max_gen_length tokens after each context (each ending in `sop`).
 
@@ -94,7 +96,8 @@ def generate(
     receives the generated tokens so far, [B, beams, g], after every step (for streaming). Returns, per
     context, its output beams best first: the context followed by the generated tokens (an end token, if
     produced, included). Runs on the engine's rows (glm.engine): context i in group i, its beams in the
-    group's rows, each context prefilled alone, beams reordered through the mask.
+    group's rows, the contexts prefilled together (right-padded forwards of at most `max_prefill_tokens`
+    padded tokens, each context seeing only itself), beams reordered through the mask.
     """
     if max_gen_length < 1:
         raise ValueError(f"max_gen_length must be at least 1, got {max_gen_length}")
@@ -108,14 +111,12 @@ def generate(
     lengths = [len(c) for c in contexts]
     padded = max(lengths)
     rows = Rows(model, batch, beams, padded + max_gen_length)
-    logits = torch.stack(
-        [
-            rows.prefill(i, 0, context, *context_inputs(n, mask_position, unidirectional))
-            for i, (context, n, mask_position) in enumerate(
-                zip(contexts, lengths, mask_positions, strict=True)
-            )
-        ]
-    )[:, None]  # [B, 1, V]: each context's next-token logits at its own sop
+    prompts = [
+        Prompt(i, 0, context, *context_inputs(n, mask_position, unidirectional))
+        for i, (context, n, mask_position) in enumerate(zip(contexts, lengths, mask_positions, strict=True))
+    ]
+    # [B, 1, V]: each context's next-token logits at its own sop
+    logits = torch.stack(rows.prefill_many(prompts, max_tokens=max_prefill_tokens))[:, None]
     # The strategy sees each context left-aligned to the generated tokens (padding first) and its length,
     # so it can tell a sample's own tokens from the padding.
     tokens = torch.full((batch, 1, padded), PAD_TOKEN, dtype=torch.long, device=device)  # [B, 1, P]

@@ -14,7 +14,9 @@ unchanged model as W tokens of one sequence: input `[G, W]`, mask `[G, 1, W, T *
 
 Requests carry their own strategy (glm.strategies, batch size 1 or `n`), budget, stop ids and strings,
 random generator, penalties and log-probs, so a request gets the same tokens in any batch as alone. A
-request joins at the next step (its prompt is prefilled alone into free rows) and leaves when it is done.
+request joins at the next step and leaves when it is done. The prompts joining at one step are prefilled
+together (`Rows.prefill_many`): right-padded into one forward `[B, longest]`, similar lengths together, at
+most `max_prefill_tokens` padded tokens per forward; each prompt sees only itself, padding is seen by no one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,8 @@ from glm.model import GLM
 from glm.strategies import BaseStrategy, BeamSearchStrategy
 
 Strategy = BaseStrategy | BeamSearchStrategy
+
+MAX_PREFILL_TOKENS = 4096  # padded tokens (batch x longest prompt) per prefill forward
 
 
 def context_inputs(
@@ -54,6 +58,30 @@ def context_inputs(
     return positions, ~visible
 
 
+class Prompt(NamedTuple):
+    """A prompt to prefill into `row` of `group`: ids [n], positions [n] and bool mask [n, n] (True =
+    masked), as `context_inputs` gives them."""
+
+    group: int
+    row: int
+    ids: Sequence[int]
+    positions: Tensor
+    mask: Tensor
+
+
+def prefill_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices of prompts of these lengths, grouped into forwards of at most `max_tokens` padded tokens
+    (prompts x longest), longest first so that similar lengths share a forward; a prompt longer than the
+    budget runs alone."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class RowCache:
     """Static key/value buffers of `groups x width` rows (layout in the module docstring), one pair per
     layer, allocated where that layer computes. `update` follows `glm.model.KVCache`'s protocol."""
@@ -67,7 +95,8 @@ class RowCache:
             shape = (groups, attention.num_heads, max_length * width, attention.head_dim)
             self.k.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
             self.v.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
-        self._prefill: tuple[int, int] | None = None  # (group, row) being prefilled
+        # prompts being prefilled: for each of their tokens, its (batch entry, position, group, row)
+        self._prefill: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._index: Tensor | None = None  # [G, 1, W, 1] columns written by a decode step
         self._bound = max_length  # positions attended by a decode step
 
@@ -80,14 +109,12 @@ class RowCache:
         pass  # the model counts tokens on its KVCache; a fixed value here keeps compiled steps valid
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self._prefill is not None:  # k, v [1, nh, s, hn]: one prompt into one row; attend to itself
-            g, w = self._prefill
-            s = k.shape[2]
+        if self._prefill is not None:  # k, v [B, nh, s, hn]: B padded prompts, each into its own row
+            b, t, g, w = self._prefill
             for buffer, new in ((self.k[layer], k), (self.v[layer], v)):
-                buffer.view(self.groups, buffer.shape[1], self.max_length, self.width, -1)[g, :, :s, w] = new[
-                    0
-                ]
-            return k, v
+                view = buffer.view(self.groups, buffer.shape[1], self.max_length, self.width, -1)
+                view[g, :, t, w] = new[b, :, t]  # [tokens, nh, hn]: each prompt's own tokens, no padding
+            return k, v  # each prompt attends to itself (the mask)
         assert self._index is not None
         index = self._index.expand_as(k)  # [G, nh, W, hn]
         self.k[layer].scatter_(2, index, k)
@@ -97,7 +124,7 @@ class RowCache:
 
 
 class Rows:
-    """The model over a RowCache: `prefill` one prompt into a row, `decode_one_token` for every row, and
+    """The model over a RowCache: `prefill_many` prompts into rows, `decode_one_token` for every row, and
     the visibility mask that makes rows (and beams) independent.
 
     `compile` compiles the decode step with torch.compile (static shapes: every step attends to all
@@ -144,7 +171,6 @@ class Rows:
         """Row rows[i] of `group` now sees what row sources[i] saw (beam reordering, prompt sharing)."""
         self.visible[group, list(rows)] = self.visible[group, list(sources)].clone()
 
-    @torch.no_grad()
     def prefill(
         self,
         group: int,
@@ -156,21 +182,67 @@ class Rows:
     ) -> Tensor:
         """Run a prompt [n] (positions [n], bool mask [n, n]) into `row` of `group`; the row then sees the
         prompt. Returns the logits [V] at the last position ([n, V] with all_logits)."""
-        n = len(ids)
-        if n > self.max_length:
-            raise ValueError(f"a prompt of {n} tokens does not fit rows of {self.max_length} positions")
-        ids_t = torch.tensor([list(ids)], device=self.device)
-        self.cache._prefill = (group, row)
+        return self.prefill_many([Prompt(group, row, ids, positions, mask)], all_logits)[0]
+
+    @torch.no_grad()
+    def prefill_many(
+        self, prompts: Sequence[Prompt], all_logits: bool = False, max_tokens: int = MAX_PREFILL_TOKENS
+    ) -> list[Tensor]:
+        """Prefill each prompt into its own (group, row), in as few right-padded forwards as `max_tokens`
+        padded tokens per forward allow; each row then sees its prompt. Returns, in the order given, each
+        prompt's logits [V] at its last position ([n, V] with all_logits)."""
+        slots = set()
+        for p in prompts:
+            n = len(p.ids)
+            if not 0 < n <= self.max_length:
+                raise ValueError(f"a prompt of {n} tokens does not fit rows of {self.max_length} positions")
+            if p.positions.shape != (n,) or p.mask.shape != (n, n) or p.mask.dtype != torch.bool:
+                raise ValueError(f"a prompt of {n} tokens needs positions [{n}] and a bool mask [{n}, {n}]")
+            if (p.group, p.row) in slots:
+                raise ValueError(f"row {p.row} of group {p.group} is prefilled twice in one call")
+            slots.add((p.group, p.row))
+        logits: list[Tensor] = [torch.empty(0)] * len(prompts)
+        for batch in prefill_batches([len(p.ids) for p in prompts], max_tokens):
+            for i, out in zip(
+                batch, self._prefill_forward([prompts[i] for i in batch], all_logits), strict=True
+            ):
+                logits[i] = out
+        for p in prompts:
+            self.visible[p.group, p.row] = False
+            self.visible[p.group, p.row, : len(p.ids), p.row] = True
+        return logits
+
+    def _prefill_forward(self, prompts: Sequence[Prompt], all_logits: bool) -> list[Tensor]:
+        """One forward [B, longest] of right-padded prompts; their logits (see prefill_many)."""
+        lengths = [len(p.ids) for p in prompts]
+        batch, s = len(prompts), max(lengths)
+        ids = torch.zeros(batch, s, dtype=torch.long)
+        positions = torch.zeros(batch, s, dtype=torch.long)
+        # A padding query sees only itself: finite (never read), so no NaN reaches a real row through the
+        # values of a padding key, which no real row sees.
+        mask = ~torch.eye(s, dtype=torch.bool).expand(batch, s, s).clone()
+        for b, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            ids[b, :n] = torch.tensor(list(p.ids))
+            positions[b, :n] = p.positions
+            mask[b, :n, :n] = p.mask  # and no real row sees padding (True from the start)
+        # every real token's (batch entry, position, group, row): where the cache writes it
+        slots = [
+            (b, t, p.group, p.row)
+            for b, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+            for t in range(n)
+        ]
+        entry, position, group, row = torch.tensor(slots, device=self.device).unbind(1)
+        self.cache._prefill = (entry, position, group, row)
         try:
-            at = None if all_logits else torch.tensor([[n - 1]], device=self.device)
-            logits = self.model(
-                ids_t, positions[None].to(self.device), mask[None, None].to(self.device), self.cache, at
+            at = None if all_logits else torch.tensor(lengths, device=self.device)[:, None] - 1
+            out = self.model(
+                ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), self.cache, at
             )
         finally:
             self.cache._prefill = None
-        self.visible[group, row] = False
-        self.visible[group, row, :n, row] = True
-        return logits[0] if all_logits else logits[0, -1]
+        if all_logits:
+            return [out[b, :n] for b, n in enumerate(lengths)]
+        return list(out[:, 0])
 
     def _decode(self, tokens: Tensor, positions: Tensor, index: Tensor, mask: Tensor) -> Tensor:
         self.cache._index = index
@@ -314,7 +386,8 @@ class Engine:
     """Continuous batching over a Rows pool: `submit` requests from any thread, `step` from one.
 
     Each step admits waiting requests that fit (first come first served; a request needs `width` rows of
-    one group and `prompt + max_new_tokens` positions), runs one decode step for every running request and
+    one group and `prompt + max_new_tokens` positions) and prefills them together (at most
+    `max_prefill_tokens` padded tokens per forward), runs one decode step for every running request and
     retires those that are done. `detokenize` is needed for stop strings.
     """
 
@@ -328,12 +401,14 @@ class Engine:
         max_queue: int = 0,
         compile: bool = False,
         cuda_graphs: bool = False,
+        max_prefill_tokens: int = MAX_PREFILL_TOKENS,
     ) -> None:
         max_length = max_length or model.config.max_sequence_length
         self.rows = Rows(model, groups, width, max_length, compile=compile, cuda_graphs=cuda_graphs)
         self.vocab = model.config.vocab_size
         self.detokenize = detokenize
         self.max_queue = max_queue  # 0: unbounded
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free = [list(range(width)) for _ in range(groups)]
@@ -351,6 +426,8 @@ class Engine:
             )
         if isinstance(request.strategy, BeamSearchStrategy) and request.strategy.batch_size != 1:
             raise ValueError("a beam-search request holds one prompt: strategy batch_size must be 1")
+        if not request.prompt:
+            raise ValueError("the prompt is empty: it needs at least the sop token")
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
         total = len(request.prompt) + request.max_new_tokens
@@ -379,6 +456,24 @@ class Engine:
         return bool(self.running) or bool(self.waiting)
 
     def _admit(self) -> None:
+        """Admit what fits, prefill it together, start each; again while first-token finishes free rows."""
+        while admitted := self._take_fitting():
+            for request, logits in zip(admitted, self._prefill(admitted), strict=True):
+                try:
+                    if isinstance(logits, Exception):
+                        raise logits
+                    self._start(request, logits)
+                except Exception as error:  # a bad request must not stop the others
+                    request.error = error
+                    self._release(request)
+                    self._finish(request, [])
+                    continue
+                if not request.done:  # else it finished at its first token
+                    self.running.append(request)
+
+    def _take_fitting(self) -> list[Request]:
+        """Waiting requests, in order, while each finds rows; each is given its rows."""
+        taken = []
         while self.waiting:
             request = self.waiting[0]
             if request.cancelled:
@@ -388,25 +483,42 @@ class Engine:
                 continue
             group = next((g for g, free in enumerate(self._free) if len(free) >= request.width), None)
             if group is None:
-                return
+                break
             with self._lock:
                 self.waiting.popleft()
             rows, self._free[group] = self._free[group][: request.width], self._free[group][request.width :]
             request._group, request._rows = group, rows
-            try:
-                self._start(request)
-            except Exception as error:  # a bad request must not stop the others
-                request.error = error
-                self._release(request)
-                self._finish(request, [])
-                continue
-            if not request.done:  # else it finished at its first token
-                self.running.append(request)
+            taken.append(request)
+        return taken
 
-    def _start(self, request: Request) -> None:
+    def _prefill(self, requests: list[Request]) -> list[Tensor | Exception]:
+        """Each request's next-token logits [V] after its prompt, prefilled into its first row: together,
+        or, if that fails, one by one, so that only a bad request gets its error."""
+        prompts = [
+            Prompt(
+                r._group,
+                r._rows[0],
+                r.prompt,
+                *context_inputs(len(r.prompt), r.mask_position, r.unidirectional),
+            )
+            for r in requests
+        ]
+        try:
+            return list(self.rows.prefill_many(prompts, max_tokens=self.max_prefill_tokens))
+        except Exception as error:
+            if len(prompts) == 1:
+                return [error]
+        results: list[Tensor | Exception] = []  # the batch failed: isolate the bad prompt
+        for prompt in prompts:
+            try:
+                results.append(self.rows.prefill_many([prompt])[0])
+            except Exception as error:
+                results.append(error)
+        return results
+
+    def _start(self, request: Request, logits: Tensor) -> None:
+        """Start a request from its prefilled prompt's logits [V]: its rows share the prompt, first token."""
         request.strategy = synchronized(request.strategy)  # tensor parallel: rank 0 decides
-        positions, mask = context_inputs(len(request.prompt), request.mask_position, request.unidirectional)
-        logits = self.rows.prefill(request._group, request._rows[0], request.prompt, positions, mask)
         self.rows.fork(request._group, request._rows, [request._rows[0]] * request.width)
         elements = request.strategy.batch_size
         request.tokens = torch.tensor([[request.prompt]] * elements, device=self.device)  # [n, 1, L]
