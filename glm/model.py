@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glm.config import GLMConfig
+from glm.cpu_matmul import linear
 
 
 class KVCache:
@@ -94,7 +95,7 @@ class Linear(nn.Linear):
     reduce: Callable[[Tensor], Tensor] | None = None
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reduce is None:
@@ -120,7 +121,7 @@ class OutputLayer(nn.Module):
         return self._tied[0].weight
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.weight)
+        logits = linear(x, self.weight)
         return logits if self.gather is None else self.gather(logits)
 
 

@@ -42,5 +42,7 @@ def load_extension(name: str, source: Path) -> ModuleType | None:
         )
     except Exception as e:  # no compiler, no ninja, headers missing: torch's built-in ops still work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"{name} CPU kernels not compiled ({first}); using torch's slower built-ins", stacklevel=2)
+        warnings.warn(
+            f"{name} CPU kernels not compiled ({first}); using torch's slower built-ins", stacklevel=2
+        )
         return None

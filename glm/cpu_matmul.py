@@ -1,0 +1,58 @@
+"""Decode-sized matmuls on the CPU through glm/cpu_matmul.cpp, everything else through F.linear.
+
+A decode step multiplies one to a few rows by every weight, so it runs at the speed the weights stream
+from memory. On the measured AVX2 machine MKL's F.linear with a few rows reaches 12-16 GB/s where the
+native loop reaches 20-30 (bench/results/engine.md); for many rows (prefill) MKL's blocked sgemm wins and
+is used. The native path needs fp32 activations, an AVX2 CPU and a compiler (glm.native); it takes fp32,
+fp16 or bf16 weights (widened exactly in registers), so weights may stay in their checkpoint's half
+precision while the model computes in fp32. It is never used where autograd or torch.compile is tracing.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from glm.native import load_extension
+
+# Rows up to which the native loop beats MKL on the measured machines (bench/cpu_matmul.py).
+NATIVE_MAX_ROWS = 16
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def native() -> ModuleType | None:
+    return load_extension("glm_cpu_matmul", Path(__file__).with_name("cpu_matmul.cpp"))
+
+
+def _native_applies(x: Tensor, weight: Tensor, rows: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype in _WEIGHT_DTYPES
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and rows <= NATIVE_MAX_ROWS
+        and x.shape[-1] % 8 == 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+        and native() is not None
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T (+ bias), like F.linear; a weight in another dtype than x is widened (or cast) to x's."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows and _native_applies(x, weight, rows):
+        kernels = native()
+        assert kernels is not None
+        y = kernels.linear(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    return F.linear(x, weight, bias)
