@@ -1,0 +1,64 @@
+"""glm.cpu_matmul: the native decode matmul equals float64 reference math; dispatch falls back to F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm import cpu_matmul
+
+native = cpu_matmul.native()
+needs_native = pytest.mark.skipif(native is None, reason="no AVX2 or no compiler: the F.linear path is used")
+
+
+def reference(x, w, b=None):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16])
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 16), (64, 384), (1537, 1536)])
+def test_native_equals_reference_math(dtype, rows, n, k):
+    generator = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=generator)
+    w = torch.randn(n, k, generator=generator).to(dtype)  # the reference widens the same stored values
+    b = torch.randn(n, generator=generator)
+    for bias in (None, b):
+        y = native.linear(x, w, bias)
+        expected = reference(x, w, bias)
+        assert y.dtype == torch.float32 and y.shape == (rows, n)
+        # fp32 products and sums in another order than float64: relative error of a k-term fp32 dot product
+        torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-6 * k**0.5 * expected.abs().max())
+
+
+@needs_native
+def test_linear_takes_the_native_path_for_few_rows_only(monkeypatch):
+    calls = []
+    real = native.linear
+
+    class Spy:
+        def linear(self, *args):
+            calls.append(args[0].shape[0])
+            return real(*args)
+
+    monkeypatch.setattr(cpu_matmul, "native", lambda: Spy())
+    w, b = torch.randn(24, 32), torch.randn(24)
+    for shape in [(1, 32), (2, 3, 32), (4, 4, 32), (17, 32)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(cpu_matmul.linear(x, w, b), F.linear(x, w, b), rtol=1e-6, atol=1e-6)
+    assert calls == [1, 6, 16]  # 17 rows go to MKL
+    x = torch.randn(2, 32, requires_grad=True)
+    cpu_matmul.linear(x, w, b).sum().backward()  # autograd: F.linear, with gradients
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1))
+    assert calls == [1, 6, 16]
+    cpu_matmul.linear(torch.randn(2, 32), w.t().contiguous().t(), b)  # non-contiguous weight: F.linear
+    cpu_matmul.linear(torch.randn(2, 32, dtype=torch.float64), w.double())  # fp64 activations: F.linear
+    assert calls == [1, 6, 16]
+
+
+def test_fallback_widens_a_half_weight_when_the_native_path_is_off(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "native", lambda: None)
+    x, w = torch.randn(3, 16), torch.randn(5, 16).half()
+    torch.testing.assert_close(cpu_matmul.linear(x, w), F.linear(x, w.float()))
