@@ -8,7 +8,8 @@
    slices; never a merge of the whole tensor), so a checkpoint saved with any tensor-parallel size loads at
    any other.
 4. Each slice goes to the module that owns it: `module.load_weight(name, tensor, dtype, device)` when the
-   module defines one (a quantized layer quantizes it there), otherwise it is cast, placed and assigned.
+   module defines one (a quantized layer quantizes it there), otherwise it is cast, placed and assigned
+   (16-bit matrices stay 16-bit for an fp32 model on the CPU: `storage_dtype`).
    Then the source pages are dropped, so peak memory is the final model plus about one source tensor; a
    tensor already in the target dtype on the CPU is not copied at all and stays memory-mapped.
 5. `module.finish_loading()` runs on every module that defines it; any tensor still on meta is an error.
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from glm import cpu_matmul
 from glm.checkpoint import CheckpointError, ShardedCheckpoint, read_metadata
 from glm.config import GLMConfig
-from glm.model import GLM
+from glm.model import GLM, Linear
 from glm.sharding import ShardSpec
 from glm.tokenizer import GLMTokenizer
 
@@ -107,8 +109,28 @@ def hand_over(model: GLM, key: str, tensor: Tensor, dtype: torch.dtype, device: 
     if load is not None:
         load(name, tensor, dtype, device)
     else:
-        assign_weight(owner, name, tensor, dtype, device)
+        assign_weight(owner, name, tensor, storage_dtype(owner, name, tensor, dtype, device), device)
     return owner
+
+
+def storage_dtype(
+    owner: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The dtype a weight is kept in: `dtype`, except that an fp16 / bf16 matrix (a block's linear layer or
+    the word embeddings, which the output layer shares) stays 16-bit when the model computes in fp32 on a
+    CPU with the native matmul (glm/cpu_matmul.py). That kernel widens the weights to fp32 in registers,
+    which is exact, so the results are the fp32 model's while decode streams half the bytes; prefill widens
+    a layer's weight per call. The bias, LayerNorms and KV cache stay fp32."""
+    if (
+        name == "weight"
+        and dtype == torch.float32
+        and tensor.dtype in (torch.float16, torch.bfloat16)
+        and device.type == "cpu"
+        and (type(owner) is Linear or isinstance(owner, nn.Embedding))
+        and cpu_matmul.native() is not None
+    ):
+        return tensor.dtype
+    return dtype
 
 
 def finish_loading(model: GLM) -> None:

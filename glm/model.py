@@ -229,7 +229,7 @@ class GLM(nn.Module):
         """
         if attention_mask.dtype != torch.bool:
             raise TypeError("attention_mask must be bool, True = masked")
-        x = self.transformer.word_embeddings(input_ids)  # [b, s, h]
+        x = self.transformer.word_embeddings(input_ids).to(self.dtype)  # [b, s, h] (16-bit storage: widened)
         cos, sin = rotary_tables(
             position_ids,
             self.config.head_dim,

@@ -60,13 +60,38 @@ def test_a_checkpoint_in_the_target_dtype_stays_memory_mapped():
         assert _mapped_files(param.data_ptr()) == [shard], name
     model32, _ = load_model(DEFAULT_MODEL, dtype="float32")  # a cast: copies, in anonymous memory
     for name, param in model32.named_parameters():
-        assert shard not in _mapped_files(param.data_ptr()), name
+        mapped = shard in _mapped_files(param.data_ptr())
+        # except the matrices kept 16-bit for the native fp32 matmul (glm.loading.storage_dtype)
+        assert mapped == (param.dtype == torch.float16), name
+
+
+def test_16bit_matrices_of_an_fp32_model_give_the_fp32_model_logits(monkeypatch):
+    from glm import cpu_matmul
+
+    ids = torch.tensor([[5, 17, 300, 42, 9, 11]])
+    positions = torch.arange(6)[None]
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    mixed, _ = load_model(DEFAULT_MODEL, dtype="float32")
+    monkeypatch.setattr(cpu_matmul, "native", lambda: None)  # no native kernel: every weight widened at load
+    wide, _ = load_model(DEFAULT_MODEL, dtype="float32")
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    if {p.dtype for p in mixed.parameters()} == {torch.float32}:
+        pytest.skip("no native kernel on this machine: nothing is kept 16-bit")
+    qkv = mixed.transformer.layers[0].attention.query_key_value
+    assert qkv.weight.dtype == torch.float16 and qkv.bias.dtype == torch.float32
+    assert mixed.transformer.final_layernorm.weight.dtype == torch.float32
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):  # the native path (one row) and F.linear on the widened weight
+            n = rows.shape[1]
+            expected = wide(rows, positions[:, :n], mask[..., :n, :n])
+            torch.testing.assert_close(mixed(rows, positions[:, :n], mask[..., :n, :n]), expected)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_peak_memory_of_a_casting_load_is_the_model_plus_one_tensor():
+def test_peak_memory_of_a_casting_load_is_the_model_plus_one_tensor(monkeypatch):
     from bench.load_memory import measure
 
+    monkeypatch.setenv("GLM_NATIVE", "0")  # the child casts every matrix too (none kept 16-bit)
     result = measure(DEFAULT_MODEL, "float32")  # fp16 on disk -> fp32: every tensor is copied
     checkpoint = ShardedCheckpoint(DEFAULT_MODEL)
     stored = sum(checkpoint.shape(k).numel() * checkpoint.dtype(k).itemsize for k in checkpoint.keys)
@@ -79,7 +104,7 @@ def test_the_output_layer_is_tied_and_has_no_keys():
     assert model.output_layer.weight is model.transformer.word_embeddings.weight
     assert not any(key.startswith("output_layer") for key in model.state_dict())
     x = torch.randn(2, 3, model.config.hidden_size)
-    torch.testing.assert_close(model.output_layer(x), x @ model.transformer.word_embeddings.weight.T)
+    torch.testing.assert_close(model.output_layer(x), x @ model.transformer.word_embeddings.weight.float().T)
 
 
 def test_a_reduced_linear_adds_its_bias_once():
