@@ -42,9 +42,10 @@ inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {  // bf16 is the high 
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// y[m, n..n+NB) for MB activation rows (row stride k) and NB weight rows (row stride k).
+// y[m, n..n+NB) for MB activation rows (row stride k) and NB weight rows (row stride k), plus bias[0..NB)
+// when given.
 template <int NB, int MB, typename W>
-inline void tile(const W* w, const float* x, int64_t k, float* y, int64_t y_stride) {
+inline void tile(const W* w, const float* x, int64_t k, const float* bias, float* y, int64_t y_stride) {
   __m256 acc[NB][MB];
   for (int i = 0; i < NB; ++i)
     for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
@@ -57,31 +58,33 @@ inline void tile(const W* w, const float* x, int64_t k, float* y, int64_t y_stri
     }
   }
   for (int i = 0; i < NB; ++i)
-    for (int m = 0; m < MB; ++m) y[m * y_stride + i] = hsum(acc[i][m]);
+    for (int m = 0; m < MB; ++m) y[m * y_stride + i] = hsum(acc[i][m]) + (bias ? bias[i] : 0.f);
 }
 
 // Every activation row against NB weight rows, MB_MAX rows at a time while the block sits in cache.
 template <int NB, typename W>
-inline void rows_tile(const W* w, const float* x, int64_t m_rows, int64_t k, float* y, int64_t n_rows) {
+inline void rows_tile(const W* w, const float* x, int64_t m_rows, int64_t k, const float* bias, float* y,
+                      int64_t n_rows) {
   int64_t m = 0;
-  for (; m + 4 <= m_rows; m += 4) tile<NB, 4, W>(w, x + m * k, k, y + m * n_rows, n_rows);
+  for (; m + 4 <= m_rows; m += 4) tile<NB, 4, W>(w, x + m * k, k, bias, y + m * n_rows, n_rows);
   switch (m_rows - m) {
-    case 3: tile<NB, 3, W>(w, x + m * k, k, y + m * n_rows, n_rows); break;
-    case 2: tile<NB, 2, W>(w, x + m * k, k, y + m * n_rows, n_rows); break;
-    case 1: tile<NB, 1, W>(w, x + m * k, k, y + m * n_rows, n_rows); break;
+    case 3: tile<NB, 3, W>(w, x + m * k, k, bias, y + m * n_rows, n_rows); break;
+    case 2: tile<NB, 2, W>(w, x + m * k, k, bias, y + m * n_rows, n_rows); break;
+    case 1: tile<NB, 1, W>(w, x + m * k, k, bias, y + m * n_rows, n_rows); break;
     default: break;
   }
 }
 
 template <typename W>
-void matmul(const float* x, const W* w, float* y, int64_t m_rows, int64_t k, int64_t n_rows) {
+void matmul(const float* x, const W* w, const float* bias, float* y, int64_t m_rows, int64_t k, int64_t n_rows) {
   constexpr int64_t kBlock = 4;
   const int64_t blocks = n_rows / kBlock;
+  auto bias_at = [bias](int64_t n) { return bias ? bias + n : nullptr; };
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      rows_tile<kBlock, W>(w + b * kBlock * k, x, m_rows, k, y + b * kBlock, n_rows);
+      rows_tile<kBlock, W>(w + b * kBlock * k, x, m_rows, k, bias_at(b * kBlock), y + b * kBlock, n_rows);
   });
-  for (int64_t n = blocks * kBlock; n < n_rows; ++n) rows_tile<1, W>(w + n * k, x, m_rows, k, y + n, n_rows);
+  for (int64_t n = blocks * kBlock; n < n_rows; ++n) rows_tile<1, W>(w + n * k, x, m_rows, k, bias_at(n), y + n, n_rows);
 }
 
 }  // namespace
@@ -91,16 +94,21 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1), "weight: [N, K], contiguous");
   TORCH_CHECK(x.size(1) % 8 == 0, "K must be a multiple of 8");
   const int64_t m_rows = x.size(0), k = x.size(1), n_rows = weight.size(0);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat && bias->is_contiguous() && bias->numel() == n_rows,
+                "bias: float32 [N], contiguous");
+    b = bias->data_ptr<float>();
+  }
   auto y = torch::empty({m_rows, n_rows}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (weight.scalar_type()) {
-    case torch::kFloat: matmul(xp, weight.data_ptr<float>(), yp, m_rows, k, n_rows); break;
-    case torch::kHalf: matmul(xp, weight.data_ptr<at::Half>(), yp, m_rows, k, n_rows); break;
-    case torch::kBFloat16: matmul(xp, weight.data_ptr<at::BFloat16>(), yp, m_rows, k, n_rows); break;
+    case torch::kFloat: matmul(xp, weight.data_ptr<float>(), b, yp, m_rows, k, n_rows); break;
+    case torch::kHalf: matmul(xp, weight.data_ptr<at::Half>(), b, yp, m_rows, k, n_rows); break;
+    case torch::kBFloat16: matmul(xp, weight.data_ptr<at::BFloat16>(), b, yp, m_rows, k, n_rows); break;
     default: TORCH_CHECK(false, "weight must be float32, float16 or bfloat16");
   }
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
 }
 

@@ -30,13 +30,14 @@ def native() -> ModuleType | None:
     return load_extension("glm_cpu_matmul", Path(__file__).with_name("cpu_matmul.cpp"))
 
 
-def _native_applies(x: Tensor, weight: Tensor, rows: int) -> bool:
+def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype in _WEIGHT_DTYPES
         and weight.device.type == "cpu"
         and weight.is_contiguous()
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
         and rows <= NATIVE_MAX_ROWS
         and x.shape[-1] % 8 == 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -48,7 +49,7 @@ def _native_applies(x: Tensor, weight: Tensor, rows: int) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T (+ bias), like F.linear; a weight in another dtype than x is widened (or cast) to x's."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows and _native_applies(x, weight, rows):
+    if rows and _native_applies(x, weight, bias, rows):
         kernels = native()
         assert kernels is not None
         y = kernels.linear(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
