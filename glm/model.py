@@ -150,7 +150,9 @@ class SelfAttention(nn.Module):
         # accumulation, the same math, without materialising [b, nh, s, t] scores. Masked scores get no
         # weight (the original's -10000 fill underflows to 0 in the softmax); a fully masked row (padding,
         # never read) gives zeros instead of the original's uniform average.
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)  # [b, nh, s, hn]
+        # mask: bool (True = masked) or the additive float bias GLM.forward makes once for every layer
+        bias = ~mask if mask.dtype == torch.bool else mask
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [b, nh, s, hn]
         return self.dense(context.transpose(1, 2).reshape(b, s, nh * hn))
 
 
@@ -238,8 +240,11 @@ class GLM(nn.Module):
             self.config.rotary_fp16_tables,
             x.dtype,
         )
+        # 0 / -inf, as SDPA makes of a bool mask: once here instead of in every layer
+        bias = torch.zeros(attention_mask.shape, dtype=x.dtype, device=attention_mask.device)
+        bias.masked_fill_(attention_mask, float("-inf"))
         for layer in self.transformer.layers:
-            x = layer(x, cos, sin, attention_mask, cache)
+            x = layer(x, cos, sin, bias, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
         if logits_at is not None:

@@ -274,7 +274,8 @@ def memory_checkpoint(tmp_path_factory) -> Path:
 def probe(folder: Path, budget: str, batch: int = 1, length: int = 32, env: dict | None = None) -> dict:
     run = subprocess.run(
         [sys.executable, "-c", PROBE, str(folder), budget, str(batch), str(length)],
-        env={**os.environ, **(env or {})},
+        # every matrix in the model dtype (no 16-bit storage for the native matmul), as the planner counts
+        env={**os.environ, "GLM_NATIVE": "0", **(env or {})},
         cwd=REPO,
         check=True,
         capture_output=True,
