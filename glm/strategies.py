@@ -128,6 +128,33 @@ class BaseStrategy:
         logits = filter_logits(logits, self.top_k, self.top_p)
         return logits.softmax(dim=-1)  # [N, V]
 
+    def _unique_argmax(self, logits: Tensor) -> Tensor | None:
+        """top_k = 1 keeps only the maximum, so the draw is the argmax [B]; None when some row's maximum is
+        tied (the draw among the ties is then made as the original makes it)."""
+        scores = logits.reshape(-1, logits.shape[-1])
+        if scores.shape[-1] < 2:
+            return None
+        if self.invalid_slices:
+            scores = scores.clone()
+            for invalid in self.invalid_slices:
+                scores[:, invalid] = FILTER_VALUE
+        top = scores.topk(2, dim=-1)
+        if bool((top.values[:, 0] == top.values[:, 1]).any()):
+            return None
+        return top.indices[:, 0]
+
+    def _draw(self, logits: Tensor) -> Tensor:
+        """One token per row [B] drawn from the filtered distribution of logits [B, 1, V]."""
+        batch = logits.shape[0]
+        probs = self.next_token_probs(logits)  # [B, V]
+        per_row = _row_generators(self.generator, batch)
+        if per_row is None:
+            return torch.multinomial(probs, 1, generator=self.generator).view(batch)
+        pred = torch.full((batch,), -1, dtype=torch.long, device=probs.device)
+        for b in (~self._done[:batch]).nonzero().flatten().tolist():  # a finished row draws nothing
+            pred[b] = torch.multinomial(probs[b], 1, generator=per_row[b])[0]
+        return pred
+
     def forward(
         self, logits: Tensor, tokens: Tensor, context_lengths: Sequence[int] | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -138,14 +165,9 @@ class BaseStrategy:
         batch, beams, _ = logits.shape
         if beams != 1 or batch > self.batch_size:
             raise ValueError(f"expected logits [<= {self.batch_size}, 1, V], got {tuple(logits.shape)}")
-        probs = self.next_token_probs(logits)  # [B, V]
-        per_row = _row_generators(self.generator, batch)
-        if per_row is None:
-            pred = torch.multinomial(probs, 1, generator=self.generator).view(batch)  # [B]
-        else:  # a finished row draws nothing, as it would not alone
-            pred = torch.full((batch,), -1, dtype=torch.long, device=probs.device)  # [B]
-            for b in (~self._done[:batch]).nonzero().flatten().tolist():
-                pred[b] = torch.multinomial(probs[b], 1, generator=per_row[b])[0]
+        pred = self._unique_argmax(logits) if self.top_k == 1 else None  # [B]
+        if pred is None:
+            pred = self._draw(logits)
         done = self._done.to(pred.device)  # [batch_size]
         pred = torch.where(done[:batch], -1, pred)  # finished rows get the -1 pad
         ended = torch.isin(pred, torch.tensor(self.end_tokens, dtype=pred.dtype, device=pred.device))  # [B]

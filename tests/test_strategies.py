@@ -395,3 +395,18 @@ def test_per_element_generators_make_sampling_batch_invariant():
     scores = torch.randn(2, 30, generator=torch.Generator().manual_seed(2))
     both = sample_without_replacement(scores, 5, generators([7, 8]))
     assert torch.equal(both[1], sample_without_replacement(scores[1:], 5, generators([8]))[0])
+
+
+def test_top_k_1_is_the_argmax_and_draws_among_tied_maxima():
+    logits = torch.tensor([[[0.5, 3.0, -1.0, 2.9]], [[1.0, 1.0, 0.0, 0.5]]])  # row 1: a tie
+    tokens = torch.zeros(2, 1, 1, dtype=torch.long)
+    firsts = set()
+    for seed in range(40):
+        strategy = BaseStrategy(2, top_k=1, generator=torch.Generator().manual_seed(seed))
+        out, _ = strategy.forward(logits, tokens)
+        assert out[0, 0, -1] == 1
+        firsts.add(int(out[1, 0, -1]))
+    assert firsts == {0, 1}  # never 2 or 3: only the tied maxima are drawn
+    strategy = BaseStrategy(1, top_k=1, invalid_slices=[slice(1, 2)])
+    out, _ = strategy.forward(logits[:1], tokens[:1])
+    assert out[0, 0, -1] == 3  # the invalid maximum is skipped
