@@ -6,9 +6,11 @@ on first use with torch.utils.cpp_extension and cached (~/.cache/torch_extension
 AVX2 it falls back to torch's fused weight-only ops fed bf16 activations (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`; the INT4 one needs its own copy of the weight, made on first use).
 
-Prefill (many rows): dequantise to a float weight and run one dense matmul in the dtype that is fast on
-this CPU: bf16 where the CPU has AVX512-BF16 or AMX (bf16 F.linear there runs ~3 x fp32), else fp32 (on
-AVX2-only CPUs bf16 F.linear is ~4 x slower than fp32). The dequantised weight lives for one call only.
+Prefill (many rows): dequantise the weight (in tiles of rows of at most PREFILL_TILE_BYTES) into a float
+buffer that each thread keeps for its next call, and multiply each tile into its columns of the output with
+one dense matmul, in the dtype that is fast on this CPU: bf16 where the CPU has AVX512-BF16 or AMX (bf16
+F.linear there runs ~3 x fp32), else fp32 (on AVX2-only CPUs bf16 F.linear is ~4 x slower than fp32). A
+fresh float weight per call would page-fault (50 MB: 36 ms); the kept buffer costs at most the tile size.
 
 Measured on both kinds of machine: bench/results/quant*.md.
 """
@@ -16,8 +18,9 @@ Measured on both kinds of machine: bench/results/quant*.md.
 from __future__ import annotations
 
 import functools
+import math
 import os
-import warnings
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -25,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glm.native import load_extension
 from quantization.schemes import dequantize, scale_groups, unpacked_values
 
 # Rows up to which the decode kernel beats dequantise + dense matmul (bench/quantization_kernels.py).
 DECODE_MAX_ROWS = 8
+# Float bytes of one dequantised prefill tile at most (glm-600m's block weights are one tile each). MKL's
+# sgemm with 512 x 1536 activations runs ~1.3 x slower on 1024 weight rows than on >= 4096.
+PREFILL_TILE_BYTES = 32 << 20
+_scratch = threading.local()  # each thread's tile buffer, kept for its next call (no page faults)
 _KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
-
-
-def has_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def prefill_dtype() -> torch.dtype:
@@ -44,37 +48,46 @@ def prefill_dtype() -> torch.dtype:
 
 @functools.cache
 def native_kernels() -> ModuleType | None:
-    """The compiled AVX2 kernels, or None (no AVX2, no compiler, or GLM_QUANT_NATIVE=0)."""
-    if os.environ.get("GLM_QUANT_NATIVE", "1") == "0" or not has_avx2():
+    """The compiled AVX2 kernels, or None (no AVX2, no compiler, GLM_NATIVE=0 or GLM_QUANT_NATIVE=0)."""
+    if os.environ.get("GLM_QUANT_NATIVE", "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="glm_quantization_cpu",
-            sources=[str(Path(__file__).with_name("cpu_kernels.cpp"))],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, headers missing: the built-in ops still work
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(
-            f"quantized CPU kernels not compiled ({first}); using torch's slower built-ins", stacklevel=2
-        )
-        return None
+    return load_extension("glm_quantization_cpu", Path(__file__).with_name("cpu_kernels.cpp"))
 
 
 def _native_shape_ok(in_features: int, groups: int) -> bool:
     return (in_features // groups) % 32 == 0
 
 
-def dequantized(weight: Tensor, scale: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+def _tile_buffer(numel: int) -> Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.buffer = torch.empty(numel)
+    return buffer[:numel]
+
+
+def quantized_matmul(rows: Tensor, weight: Tensor, scale: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+    """rows [M, in] x the dequantised weight^T -> [M, out] in `dtype`, dequantising at most
+    PREFILL_TILE_BYTES of weight rows at a time into this thread's reused buffer."""
+    if torch.is_grad_enabled() and rows.requires_grad:  # out= below records no autograd
+        return F.linear(rows.to(dtype), dequantize(weight, scale, bits, dtype))
+    groups = scale_groups(scale).contiguous()
+    out_features, in_features = weight.shape[0], rows.shape[1]
+    tiles = max(1, math.ceil(out_features * in_features * 4 / PREFILL_TILE_BYTES))
+    tile = max(1, math.ceil(out_features / tiles))  # even tiles
     native = native_kernels()
-    groups = scale_groups(scale)
-    if native is not None and _native_shape_ok(weight.shape[1] * 8 // bits, groups.shape[1]):
-        return native.dequantize(weight, groups.contiguous(), bits).to(dtype)
-    return dequantize(weight, scale, bits, dtype)
+    if not _native_shape_ok(in_features, groups.shape[1]):
+        native = None
+    x = rows.to(dtype)
+    y = torch.empty(rows.shape[0], out_features, dtype=dtype)
+    for start in range(0, out_features, tile):
+        end = min(start + tile, out_features)
+        if native is not None:
+            buffer = _tile_buffer((end - start) * in_features).view(end - start, in_features)
+            w = native.dequantize(weight[start:end], groups[start:end], bits, buffer)
+        else:
+            w = dequantize(weight[start:end], groups[start:end], bits)
+        torch.mm(x, w.to(dtype).t(), out=y[:, start:end])  # BLAS writes the column block in place
+    return y
 
 
 class CPUKernel:
@@ -90,8 +103,7 @@ class CPUKernel:
         if rows.shape[0] <= DECODE_MAX_ROWS:
             y = self.decode(rows, weight, scale)
         else:
-            dtype = prefill_dtype()
-            y = F.linear(rows.to(dtype), dequantized(weight, scale, self.bits, dtype))
+            y = quantized_matmul(rows, weight, scale, self.bits, prefill_dtype())
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def decode(self, rows: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
