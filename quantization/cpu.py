@@ -36,7 +36,7 @@ DECODE_MAX_ROWS = 8
 # Float bytes of one dequantised prefill tile at most (glm-600m's block weights are one tile each). MKL's
 # sgemm with 512 x 1536 activations runs ~1.3 x slower on 1024 weight rows than on >= 4096.
 PREFILL_TILE_BYTES = 32 << 20
-_scratch = threading.local()  # each thread's tile buffer, kept for its next call (no page faults)
+_scratch = threading.local()  # each thread's tile buffers by dtype, kept for its next call (no page faults)
 _KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 
 
@@ -58,11 +58,13 @@ def _native_shape_ok(in_features: int, groups: int) -> bool:
     return (in_features // groups) % 32 == 0
 
 
-def _tile_buffer(numel: int) -> Tensor:
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch.buffer = torch.empty(numel)
-    return buffer[:numel]
+def _tile_buffer(rows: int, columns: int, dtype: torch.dtype) -> Tensor:
+    if not hasattr(_scratch, "buffers"):
+        _scratch.buffers = {}
+    buffers = _scratch.buffers
+    if dtype not in buffers or buffers[dtype].numel() < rows * columns:
+        buffers[dtype] = torch.empty(rows * columns, dtype=dtype)
+    return buffers[dtype][: rows * columns].view(rows, columns)
 
 
 def quantized_matmul(rows: Tensor, weight: Tensor, scale: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
@@ -82,11 +84,13 @@ def quantized_matmul(rows: Tensor, weight: Tensor, scale: Tensor, bits: int, dty
     for start in range(0, out_features, tile):
         end = min(start + tile, out_features)
         if native is not None:
-            buffer = _tile_buffer((end - start) * in_features).view(end - start, in_features)
+            buffer = _tile_buffer(end - start, in_features, torch.float32)
             w = native.dequantize(weight[start:end], groups[start:end], bits, buffer)
+            if dtype != torch.float32:
+                w = _tile_buffer(end - start, in_features, dtype).copy_(w)
         else:
-            w = dequantize(weight[start:end], groups[start:end], bits)
-        torch.mm(x, w.to(dtype).t(), out=y[:, start:end])  # BLAS writes the column block in place
+            w = dequantize(weight[start:end], groups[start:end], bits, dtype)
+        torch.mm(x, w.t(), out=y[:, start:end])  # BLAS writes the column block in place
     return y
 
 

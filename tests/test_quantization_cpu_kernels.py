@@ -134,6 +134,20 @@ def test_prefill_tiles_equal_the_dequantised_matmul(spec, with_native, monkeypat
         assert relative_error(got, expected) < 1e-6
 
 
+@pytest.mark.parametrize("with_native", [True, False], ids=["native", "python"])
+def test_bf16_prefill_tiles_equal_the_dequantised_matmul(with_native, monkeypatch):
+    # The dtype AVX512-BF16 / AMX machines prefill in: each fp32 tile is cast into a kept bf16 buffer.
+    if not with_native:
+        monkeypatch.setattr(quantization.cpu, "native_kernels", lambda: None)
+    monkeypatch.setattr(quantization.cpu, "PREFILL_TILE_BYTES", 10 * 1024)
+    weight, scale = stored(QuantizationSpec(4), 97, 256)
+    x = activations(33, 256, seed=3)
+    got = quantized_matmul(x, weight, scale, 4, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    expected = F.linear(x.double(), dequantize(weight, scale, 4, torch.float64))
+    assert relative_error(got, expected) < 1e-2
+
+
 def test_prefill_keeps_autograd_through_the_activations():
     weight, scale = stored(QuantizationSpec(4), 24, 256)
     x = activations(16, 256, seed=1).requires_grad_()
