@@ -5,12 +5,12 @@ from memory. On the measured AVX2 machine MKL's F.linear with a few rows reaches
 native loop reaches 20-30 (bench/results/engine.md); for many rows (prefill) MKL's blocked sgemm wins and
 is used. The native path needs fp32 activations, an AVX2 CPU and a compiler (glm.native); it takes fp32,
 fp16 or bf16 weights (widened exactly in registers), so weights may stay in their checkpoint's half
-precision while the model computes in fp32. It is never used where autograd or torch.compile is tracing.
+precision while the model computes in fp32. It is never used where autograd records a graph. Under
+torch.compile it is the custom op `glm::linear`, so the compiled decode step keeps it without graph breaks.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from types import ModuleType
 
@@ -25,9 +25,27 @@ NATIVE_MAX_ROWS = 16
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
+_kernels: list[ModuleType | None] = []  # filled on first use (a plain global: torch.compile reads it as is)
+
+
 def native() -> ModuleType | None:
-    return load_extension("glm_cpu_matmul", Path(__file__).with_name("cpu_matmul.cpp"))
+    """The compiled kernel module, or None where it cannot be built (then F.linear does everything)."""
+    if not _kernels:
+        _kernels.append(load_extension("glm_cpu_matmul", Path(__file__).with_name("cpu_matmul.cpp")))
+    return _kernels[0]
+
+
+@torch.library.custom_op("glm::linear", mutates_args=())
+def native_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The native kernel as an op torch.compile can keep: x [M, K] fp32, weight [N, K] -> [M, N]."""
+    kernels = native()
+    assert kernels is not None
+    return kernels.linear(x, weight, bias)
+
+
+@native_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
@@ -41,7 +59,6 @@ def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -
         and rows <= NATIVE_MAX_ROWS
         and x.shape[-1] % 8 == 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
         and native() is not None
     )
 
@@ -50,9 +67,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T (+ bias), like F.linear; a weight in another dtype than x is widened (or cast) to x's."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows and _native_applies(x, weight, bias, rows):
-        kernels = native()
-        assert kernels is not None
-        y = kernels.linear(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        flat = x.reshape(rows, x.shape[-1]).contiguous()
+        if torch.compiler.is_compiling():
+            y = native_linear(flat, weight, bias)
+        else:  # the kernel itself: the custom op's dispatch costs more than a small matmul takes
+            kernels = native()
+            assert kernels is not None
+            y = kernels.linear(flat, weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)

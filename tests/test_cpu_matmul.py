@@ -62,3 +62,11 @@ def test_fallback_widens_a_half_weight_when_the_native_path_is_off(monkeypatch):
     monkeypatch.setattr(cpu_matmul, "native", lambda: None)
     x, w = torch.randn(3, 16), torch.randn(5, 16).half()
     torch.testing.assert_close(cpu_matmul.linear(x, w), F.linear(x, w.float()))
+
+
+@needs_native
+def test_the_custom_op_for_torch_compile_passes_torch_opcheck():
+    x, w, b = torch.randn(3, 16), torch.randn(5, 16).half(), torch.randn(5)
+    torch.library.opcheck(cpu_matmul.native_linear, (x, w, b))
+    torch.library.opcheck(cpu_matmul.native_linear, (x, w.float(), None))
+    torch.testing.assert_close(cpu_matmul.native_linear(x, w, b), F.linear(x, w.float(), b))
