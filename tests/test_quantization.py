@@ -228,7 +228,8 @@ def test_quantized_sat_tiny_equals_a_plain_model_holding_the_dequantised_weights
     monkeypatch.setattr(quantization.layers, "make_kernel", reference_kernel)
     exact = load_sat_tiny([transform])
     for got, expected in zip(forward(exact, reference), (expected_full, expected_steps), strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        # fp32 against fp32 in another summation order (a fused bias, another kernel): 1e-5 of the scale
+        torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max(), rtol=0)
 
 
 def test_biases_layer_norms_and_embeddings_stay_full_precision(sat_tiny):
