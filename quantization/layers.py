@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from glm.checkpoint import CheckpointError
 from glm.model import Linear, OutputLayer
-from quantization.cpu import CPUKernel
+from quantization.cpu import CPUKernel, native_kernels
 from quantization.cuda import CUDAKernel
 from quantization.schemes import QuantizationSpec, quantize_to_stored, scale_groups
 
@@ -129,6 +129,8 @@ class QuantizedLinear(Linear):
             )
         if self._quantized_here and self.from_quantized_checkpoint:
             raise CheckpointError(f"{self._where()}: float weights in a checkpoint loaded as quantized")
+        if self.weight.device.type == "cpu":
+            native_kernels()  # built while loading (the first time: about a minute), not in the first request
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self._kernel is None:
