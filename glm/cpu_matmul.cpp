@@ -89,18 +89,22 @@ void matmul(const float* x, const W* w, const float* bias, float* y, int64_t m_r
 
 }  // namespace
 
+// x [..., K] (any leading dims, M rows in all) -> y [..., N]: no reshapes around the call.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K], contiguous");
-  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1), "weight: [N, K], contiguous");
-  TORCH_CHECK(x.size(1) % 8 == 0, "K must be a multiple of 8");
-  const int64_t m_rows = x.size(0), k = x.size(1), n_rows = weight.size(0);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() >= 1, "x: float32 [..., K], contiguous");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == k, "weight: [N, K], contiguous");
+  TORCH_CHECK(k % 8 == 0, "K must be a multiple of 8");
+  const int64_t m_rows = k ? x.numel() / k : 0, n_rows = weight.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = n_rows;
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dtype() == torch::kFloat && bias->is_contiguous() && bias->numel() == n_rows,
                 "bias: float32 [N], contiguous");
     b = bias->data_ptr<float>();
   }
-  auto y = torch::empty({m_rows, n_rows}, x.options());
+  auto y = torch::empty(sizes, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (weight.scalar_type()) {

@@ -37,7 +37,7 @@ def native() -> ModuleType | None:
 
 @torch.library.custom_op("glm::linear", mutates_args=())
 def native_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The native kernel as an op torch.compile can keep: x [M, K] fp32, weight [N, K] -> [M, N]."""
+    """The native kernel as an op torch.compile can keep: x [..., K] fp32, weight [N, K] -> [..., N]."""
     kernels = native()
     assert kernels is not None
     return kernels.linear(x, weight, bias)
@@ -45,19 +45,20 @@ def native_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 @native_linear.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
+def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    # Called for every linear layer of every decode step: cheap checks first, no tensor made.
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
+        x.dtype == torch.float32
+        and x.is_cpu
+        and 0 < x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
+        and x.shape[-1] % 8 == 0
         and weight.dtype in _WEIGHT_DTYPES
-        and weight.device.type == "cpu"
+        and weight.is_cpu
         and weight.is_contiguous()
         and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-        and rows <= NATIVE_MAX_ROWS
-        and x.shape[-1] % 8 == 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and native() is not None
     )
@@ -65,16 +66,12 @@ def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T (+ bias), like F.linear; a weight in another dtype than x is widened (or cast) to x's."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows and _native_applies(x, weight, bias, rows):
-        flat = x.reshape(rows, x.shape[-1]).contiguous()
+    if _native_applies(x, weight, bias):
+        if not x.is_contiguous():
+            x = x.contiguous()
         if torch.compiler.is_compiling():
-            y = native_linear(flat, weight, bias)
-        else:  # the kernel itself: the custom op's dispatch costs more than a small matmul takes
-            kernels = native()
-            assert kernels is not None
-            y = kernels.linear(flat, weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
+            return native_linear(x, weight, bias)
+        return native().linear(x, weight, bias)  # the custom op's dispatch would cost more than it runs
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     return F.linear(x, weight, bias)
