@@ -100,10 +100,19 @@ class CPUKernel:
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self._int4pack: tuple[Tensor, Tensor, int] | None = None  # the built-in INT4 op's copy
+        self._groups: tuple[Tensor, Tensor] | None = None  # (scale, its [out, groups] view) of the last call
 
     def __call__(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         """x [..., in] (any float dtype) -> [..., out] in x's dtype."""
-        rows = x.reshape(-1, x.shape[-1])
+        k = x.shape[-1]
+        if x.dtype == torch.float32 and x.numel() <= DECODE_MAX_ROWS * k:  # decode: the common case, lean
+            native = native_kernels()
+            if self._groups is None or self._groups[0] is not scale:
+                self._groups = (scale, scale_groups(scale).contiguous())
+            groups = self._groups[1]
+            if native is not None and _native_shape_ok(k, groups.shape[1]):
+                return native.gemv(x if x.is_contiguous() else x.contiguous(), weight, groups, self.bits)
+        rows = x.reshape(-1, k)
         if rows.shape[0] <= DECODE_MAX_ROWS:
             y = self.decode(rows, weight, scale)
         else:

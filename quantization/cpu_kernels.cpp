@@ -310,13 +310,16 @@ void dequantize_group(const int8_t* w, float sg, int64_t columns, bool int4, flo
 
 }  // namespace
 
+// x [..., K] (M rows in all) -> y [..., N]: no reshapes around the call.
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits) {
-  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
-  const int64_t m_rows = x.size(0), k = x.size(1), groups = scale.size(1);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() >= 1, "x: float32 [..., K], contiguous");
+  const int64_t k = x.size(-1), m_rows = k ? x.numel() / k : 0, groups = scale.size(1);
   check_inputs(weight, scale, bits, k);
   const bool int4 = bits == 4;
   const Activations a = prepare(x.data_ptr<float>(), m_rows, k, groups, int4);
-  auto y = torch::empty({m_rows, weight.size(0)}, x.options());
+  auto sizes = x.sizes().vec();
+  sizes.back() = weight.size(0);
+  auto y = torch::empty(sizes, x.options());
   const Problem p{weight.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()), &a,
                   y.data_ptr<float>(), m_rows, weight.size(0), k, weight.size(1), groups};
   if (int4) {
