@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.machine import cpu_name
 from glm.config import PRESETS, GLMConfig, get_preset
 from glm.loading import DTYPES, resolve_dtype
 from glm.model import GLM, init_random_weights
@@ -242,6 +243,7 @@ def main() -> None:
         "decode_tokens": args.decode_tokens,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items() if k != "config"))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.benchmark import memory_bandwidth
-from bench.engine_speed import cpu_name
+from bench.machine import cpu_name
 from glm.cpu_matmul import native
 
 SHAPES = {  # (out, in)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from bench.benchmark import build_model, cpu_snapshot, memory_bandwidth, other_cores, weight_bytes
+from bench.machine import cpu_name
 from glm.config import get_preset
 from glm.decoding import generate
 from glm.engine import Engine, Request, Rows, context_inputs
@@ -56,13 +56,6 @@ print(json.dumps({{"tokens_per_s": {tokens} / min(times), "ids": beams[0][len(co
 
 def bandwidth() -> float:
     return memory_bandwidth(torch.device("cpu"), runs=3)["median_gb_per_s"]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def decode_600m(model, prompt: int, steps: int) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.benchmark import cpu_snapshot, other_cores
+from bench.machine import cpu_name
 from glm.api import load
 from glm.evaluation.dataset import multiple_choice_samples, read_jsonl
 from glm.scoring import choice_row, score_rows
@@ -37,15 +37,6 @@ from glm.scoring import choice_row, score_rows
 REPO = Path(__file__).resolve().parent.parent
 TASK = "tasks/offline/zh_idiom_cloze.yaml"
 DATA = REPO / "tasks/offline/zh_idiom_cloze/test.jsonl"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor()
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.processor()
 
 
 def time_layouts(items: int, micro_batch: int, repeats: int) -> dict:
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     report: dict = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "items": args.items,

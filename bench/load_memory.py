@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,19 +73,24 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def measure(folder: Path, dtype: str, tree: Path = ROOT) -> dict:
-    evict(folder)
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+def run_child(code: str, args: list[str], failure: str, tree: Path = ROOT) -> dict:
+    """Run a load script in a fresh interpreter with `tree` first on its path; its last line, as JSON.
+    `failure` starts the error raised if it fails."""
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(folder.resolve()), dtype],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(tree)},
         cwd=tree,
     )
     if out.returncode:
-        raise RuntimeError(f"loading {folder} with {tree} failed:\n{out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{failure}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(folder: Path, dtype: str, tree: Path = ROOT) -> dict:
+    evict(folder)
+    result = run_child(_CHILD, [str(folder.resolve()), dtype], f"loading {folder} with {tree} failed", tree)
     result["goal"] = int(1.1 * (result["model_bytes"] + result["largest_tensor"]))
     return result
 
@@ -102,13 +108,6 @@ def make_checkpoint(preset: str, shards: int, folder: Path) -> Path:
         model = GLM(config)
     model = init_random_weights(model.to(torch.float16).to_empty(device="cpu"))
     return save_checkpoint(model.state_dict(), folder, config, None, shards)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

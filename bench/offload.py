@@ -22,8 +22,6 @@ import dataclasses
 import json
 import mmap
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,21 +30,13 @@ from typing import Any
 import torch
 
 from bench.benchmark import cpu_snapshot, other_cores
+from bench.machine import cpu_description
 from glm.config import get_preset
 from glm.loading import finish_loading, hand_over, resolve_dtype
 from glm.model import GLM
 from glm.offload import Offload, format_bytes
 
 GB = 1e9
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs"
 
 
 def rss(field: str = "VmRSS") -> int:
@@ -197,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     streamed = sum(b for _, b in steps)
     results: dict[str, Any] = {
         "command": "python -m bench.offload " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cpu": cpu_model(),
+        "cpu": cpu_description(),
         "torch": torch.__version__,
         "threads": args.threads,
         "model": args.model,

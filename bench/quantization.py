@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bench.benchmark import build_model, cpu_snapshot, decode_run, memory_bandwidth, other_cores
-from bench.load_memory import cpu_name
+from bench.machine import cpu_name
 from glm.config import get_preset
 from glm.loading import load_weights
 from glm.model import GLM

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bench.load_memory import cpu_name
+from bench.machine import cpu_name
 from glm.api import DEFAULT_MODEL, load
 from glm.evaluate import REPO_ROOT, check_tasks
 from quantization import quantization_transform

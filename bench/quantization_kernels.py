@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.load_memory import cpu_name
+from bench.machine import cpu_name
 from glm.cpu_matmul import native as dense_native
 from glm.native import load_extension
 from quantization.cpu import CPUKernel, native_kernels

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.load_memory import CHILD_PRELUDE, cpu_name, evict, make_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.load_memory import CHILD_PRELUDE, evict, make_checkpoint, run_child
+from bench.machine import cpu_name
 
 _CHILD = (
     CHILD_PRELUDE
@@ -55,16 +51,7 @@ SETTINGS = {
 
 def measure(folder: Path, settings: dict) -> dict:
     evict(folder)
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(folder.resolve()), json.dumps(settings)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-    )
-    if out.returncode:
-        raise RuntimeError(f"loading {folder} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, [str(folder.resolve()), json.dumps(settings)], f"loading {folder} failed")
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -24,15 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.machine import cpu_name
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ranks import free_port, launcher_env
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _worker(rank: int, world: int, port: int, preset: str, prompt: int, steps: int, out: str) -> None:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.load_memory import CHILD_PRELUDE, cpu_name, evict, make_checkpoint
+from bench.load_memory import CHILD_PRELUDE, evict, make_checkpoint, run_child
+from bench.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,16 +49,8 @@ print(json.dumps({
 
 def measure(folder: Path, dtype: str, rank: int, size: int) -> dict:
     evict(folder)
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(folder.resolve()), dtype, str(rank), str(size)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-    )
-    if out.returncode:
-        raise RuntimeError(f"rank {rank} of {size} failed to load {folder}:\n{out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    args = [str(folder.resolve()), dtype, str(rank), str(size)]
+    result = run_child(_CHILD, args, f"rank {rank} of {size} failed to load {folder}")
     result["goal"] = int(1.15 * result["shard_bytes"])
     return result
 
