@@ -12,6 +12,8 @@ Run from the repository root: `python -m bench.engine_speed --help`. One run mea
    against one request (glm-600m), wall time with prefill.
 4. HF transformers' Llama of glm-600m's shape (random weights, eager attention, same dtype) against
    `generate`: prompt 128 + 64 new tokens (greedy, no early end), batch 1 and 8, wall time with prefill.
+
+`--breakdown` instead times only the bundled model's decode step with and without its matmuls.
 """
 
 from __future__ import annotations
@@ -89,6 +91,42 @@ def bundled(tree: Path, threads: int, repeats: int, tokens: int) -> dict[str, An
     if out.returncode:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bundled_step_breakdown(steps: int = 20) -> dict[str, float]:
+    """ms per decode step of the bundled model through Rows.decode_one_token, as it is and with every native
+    matmul replaced by a no-op returning zeros: what the step spends outside the matmuls."""
+    from glm import cpu_matmul
+    from glm.api import load
+
+    model, _ = load()
+    kernels = cpu_matmul.native()
+    if kernels is None:
+        raise SystemExit("the breakdown needs the native matmul (AVX2 and a compiler)")
+    prompt = 16
+    rows = Rows(model, 1, 1, prompt + 3 * steps + 8)
+    rows.prefill(0, 0, [1] * prompt, *context_inputs(prompt, None))
+    zeros: dict[tuple, torch.Tensor] = {}
+
+    class NoMatmul:
+        @staticmethod
+        def linear(x, weight, bias=None):
+            shape = (*x.shape[:-1], weight.shape[0])
+            return zeros.setdefault(shape, torch.zeros(shape))
+
+    column = prompt
+    times: dict[str, list[float]] = {"with matmuls": [], "matmuls as no-ops": []}
+    for _ in range(3):  # interleaved rounds, best taken
+        for name, stand_in in (("with matmuls", kernels), ("matmuls as no-ops", NoMatmul())):
+            cpu_matmul._kernels[:] = [stand_in]
+            start = time.perf_counter()
+            for _ in range(steps // 3 + 1):
+                at = torch.tensor([[column]])
+                rows.decode_one_token(torch.tensor([[5]]), at, at)
+                column += 1
+            times[name].append((time.perf_counter() - start) / (steps // 3 + 1))
+    cpu_matmul._kernels[:] = [kernels]
+    return {name: min(t) * 1e3 for name, t in times.items()}
 
 
 def bundled_engine(threads: int, repeats: int, tokens: int, compile: bool) -> dict[str, Any]:
@@ -183,8 +221,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="bundled model: runs, best taken")
     parser.add_argument("--skip-hf", action="store_true", help="skip HF transformers' Llama")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only: the bundled model's decode step with and without its matmuls",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        capability = torch.backends.cpu.get_cpu_capability()
+        print(f"{cpu_name()}, {capability}, {args.threads} threads; mv {bandwidth():.1f} GB/s")
+        for name, ms in bundled_step_breakdown().items():
+            print(f"bundled decode step, {name}: {ms:.2f} ms")
+        return
     results: dict[str, Any] = {
         "cpu": cpu_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),

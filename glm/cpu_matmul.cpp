@@ -1,8 +1,8 @@
 // y = x W^T (+ bias) for a few rows of fp32 activations (decode), weights in fp32, fp16 or bf16.
 //
 // Decode reads every weight once per token, so its speed is the speed the weights stream at. MKL's sgemm
-// with one to a few rows streams them at 12-16 GB/s on a 2-core AVX2 machine; this loop reaches 20-30
-// (bench/results/engine.md). Each thread takes blocks of 4 weight rows. For each block it walks the columns
+// with one to a few rows streams them at 12-16 GB/s on a 2-core AVX2 machine; this loop reaches 20-26
+// (bench/results/cpu-matmul.json). Each thread takes blocks of 4 weight rows. For each block it walks the columns
 // 8 at a time with up to 4 activation rows held in registers, so an activation vector load serves 4 weight
 // rows and a weight vector load serves every activation row. fp16 / bf16 weights are widened to fp32 in
 // registers (exactly) and every product and sum is fp32, so the result is the fp32 model's up to the order
