@@ -30,7 +30,7 @@ from glm.config import get_preset
 from glm.loading import load_weights
 from glm.model import GLM
 from quantization import quantization_transform
-from quantization.cpu import native_kernels, prefill_dtype
+from quantization.cpu import native_kernels
 
 
 class InMemoryCheckpoint:
@@ -152,7 +152,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "native_kernels": native_kernels() is not None,
-        "prefill_dtype": str(prefill_dtype()).removeprefix("torch."),
+        "prefill_dtype": "the variant's (fp32 for fp32 and quantized, bf16 for bf16)",
         "preset": args.preset,
         "num_layers": config.num_layers,
         "prompt_length": args.prompt_length,

@@ -7,7 +7,11 @@ its --help) does not import torch.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
+
+# NumPy is not a dependency (nothing here uses it); torch warns at import when it is absent.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 if TYPE_CHECKING:
     from glm.api import DEFAULT_MODEL, load

@@ -200,9 +200,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     from glm import tensor_parallel
-    from glm.distributed import compute_device
+    from glm.distributed import compute_device, is_main
     from glm.loading import resolve_dtype
     from glm.offload import offload_from_args
+    from glm.precision import describe_matmuls
     from glm.run_config import apply_run_config
 
     run = apply_run_config(args)  # flags left unset take the run config's values
@@ -211,9 +212,12 @@ def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     quantize = transform_from_args(args, args.checkpoint)  # None: load the weights as they are
     offload = offload_from_args(args, device, resolve_dtype(args.dtype, device))
     transforms = [t for t in (tensor_parallel.transform(), quantize, offload) if t is not None]
-    return load(
+    model, tokenizer = load(
         args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, transforms
     )
+    if is_main():  # which kernels this machine runs; the arithmetic is the same on every CPU
+        print(describe_matmuls(model), file=sys.stderr, flush=True)
+    return model, tokenizer
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:

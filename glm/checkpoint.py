@@ -106,6 +106,10 @@ def load_shard(path: Path) -> dict[str, Tensor]:
                 data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # torch raises several types for damaged or hostile files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "numpy" in str(e) and not _safe_globals()[1:]:  # training states pickled with NumPy objects
+            raise CheckpointError(
+                f"checkpoint shard {path} holds NumPy objects (SAT's saved RNG states): pip install numpy"
+            ) from None
         raise CheckpointError(
             f"cannot read checkpoint shard {path}: {first_line} "
             "(the file is truncated, corrupt or holds objects other than weights; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import os
 import pickle
@@ -257,7 +258,7 @@ def broadcast_object(value: T, group: Any = None, src: int = 0) -> T:
     dist.broadcast(size, src=src, group=group)
     data = torch.empty(int(size[0]), dtype=torch.uint8)
     dist.broadcast(data, src=src, group=group, async_op=True).wait(timeout)
-    return pickle.loads(data.numpy().tobytes())
+    return pickle.loads(ctypes.string_at(data.data_ptr(), data.numel()))  # no numpy: not a dependency
 
 
 def input_on_main(prompt: str) -> str:

@@ -3,6 +3,10 @@
 The build lands in torch's extension cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR) and is
 reused by every later process with the same source and flags. Without a compiler, without AVX2, or with
 GLM_NATIVE=0 the callers fall back to torch's own ops, so the project runs everywhere; only the speed differs.
+
+`GLM_NATIVE_ISA` picks the kernels' instruction set instead of the best one this CPU has: `none` (torch's
+ops), `avx2` (the AVX2 + FMA + F16C build, today the only one). Tests run with each value the machine
+supports, so one machine checks every path it can take.
 """
 
 from __future__ import annotations
@@ -19,14 +23,37 @@ import torch
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
+ISAS = ("avx2",)  # the builds of the kernels, best last
+
+
 def has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def supported_isas() -> list[str]:
+    """The kernel builds this CPU can run."""
+    return ["avx2"] if has_avx2() else []
+
+
+def selected_isa() -> str | None:
+    """The build the kernels use: GLM_NATIVE_ISA, else the best this CPU supports; None: torch's ops."""
+    requested = os.environ.get("GLM_NATIVE_ISA", "auto")
+    if os.environ.get("GLM_NATIVE", "1") == "0" or requested == "none":
+        return None
+    supported = supported_isas()
+    if requested == "auto":
+        return supported[-1] if supported else None
+    if requested not in ISAS:
+        raise ValueError(f"GLM_NATIVE_ISA={requested}: choose auto, none or {', '.join(ISAS)}")
+    if requested not in supported:
+        raise ValueError(f"GLM_NATIVE_ISA={requested}: this CPU lacks it; it supports {supported or 'none'}")
+    return requested
 
 
 @functools.cache
 def load_extension(name: str, source: Path) -> ModuleType | None:
     """The compiled module built from `source` (AVX2 + FMA + F16C), or None where it cannot be built."""
-    if os.environ.get("GLM_NATIVE", "1") == "0" or not has_avx2():
+    if selected_isa() is None:
         return None
     try:
         from torch.utils.cpp_extension import _get_build_directory, load

@@ -8,9 +8,16 @@ AVX2 it falls back to torch's fused weight-only ops fed bf16 activations (`_weig
 
 Prefill (many rows): dequantise the weight (in tiles of rows of at most PREFILL_TILE_BYTES) into a float
 buffer that each thread keeps for its next call, and multiply each tile into its columns of the output with
-one dense matmul, in the dtype that is fast on this CPU: bf16 where the CPU has AVX512-BF16 or AMX (bf16
-F.linear there runs ~3 x fp32), else fp32 (on AVX2-only CPUs bf16 F.linear is ~4 x slower than fp32). A
-fresh float weight per call would page-fault (50 MB: 36 ms); the kept buffer costs at most the tile size.
+one dense matmul in the activations' dtype. A fresh float weight per call would page-fault (50 MB: 36 ms);
+the kept buffer costs at most the tile size.
+
+Precision follows the model's dtype and never the CPU: an fp32 model computes in fp32 on every CPU (bf16
+prefill, ~3 x faster where the CPU has AVX512-BF16 or AMX but ~3e-3 relative error, only with
+`--dtype bfloat16`), so the same flags give the same tokens and scores on every kind of machine. The one
+approximation of an fp32 model is the decode kernel's int16 rounding of the activations (relative error
+<= 1 / 65534 of each row's largest value per element), identical on every CPU with AVX2. Without the
+kernels (no AVX2 or no compiler) fp32 decode dequantises and multiplies in fp32; torch's fused bf16 ops
+serve bf16 models only.
 
 Measured on both kinds of machine: bench/results/quant*.md.
 """
@@ -40,18 +47,18 @@ _scratch = threading.local()  # each thread's tile buffers by dtype, kept for it
 _KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 
 
-def prefill_dtype() -> torch.dtype:
-    """The dense dtype whose matmul is fastest on this CPU."""
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if fast_bf16 else torch.float32
-
-
 @functools.cache
 def native_kernels() -> ModuleType | None:
     """The compiled AVX2 kernels, or None (no AVX2, no compiler, GLM_NATIVE=0 or GLM_QUANT_NATIVE=0)."""
     if os.environ.get("GLM_QUANT_NATIVE", "1") == "0":
         return None
     return load_extension("glm_quantization_cpu", Path(__file__).with_name("cpu_kernels.cpp"))
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dense dtype a quantized matmul computes in for activations of `dtype`: theirs (fp16 widened to
+    fp32, since CPU fp16 matmuls are slow and no more exact)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _native_shape_ok(in_features: int, groups: int) -> bool:
@@ -116,7 +123,7 @@ class CPUKernel:
         if rows.shape[0] <= DECODE_MAX_ROWS:
             y = self.decode(rows, weight, scale)
         else:
-            y = quantized_matmul(rows, weight, scale, self.bits, prefill_dtype())
+            y = quantized_matmul(rows, weight, scale, self.bits, matmul_dtype(x.dtype))
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def decode(self, rows: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
@@ -124,6 +131,8 @@ class CPUKernel:
         native = native_kernels()
         if native is not None and _native_shape_ok(rows.shape[1], groups.shape[1]):
             return native.gemv(rows.float().contiguous(), weight, groups.contiguous(), self.bits)
+        if rows.dtype != torch.bfloat16:  # exact: torch's fused ops below take bf16 activations
+            return quantized_matmul(rows, weight, scale, self.bits, matmul_dtype(rows.dtype))
         if self.bits == 8:
             return self._int8pack(rows.bfloat16(), weight, groups)
         return self._int4pack_mm(rows.bfloat16(), weight, groups)

@@ -11,6 +11,8 @@ export PYTHONPATH="${main_dir}${PYTHONPATH:+:${PYTHONPATH}}"
 MP_SIZE=${MP_SIZE:-1}
 NPROC=${NPROC:-$MP_SIZE}
 if [ "$NPROC" -gt 1 ]; then
+    # torchrun's own process imports torch without numpy (not a dependency) and would warn about it
+    export PYTHONWARNINGS="ignore:Failed to initialize NumPy${PYTHONWARNINGS:+,${PYTHONWARNINGS}}"
     exec python -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
         -m glm.evaluate --tensor-parallel-size "$MP_SIZE" "$@"
 fi

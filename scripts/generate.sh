@@ -8,6 +8,8 @@ export PYTHONPATH="${main_dir}${PYTHONPATH:+:${PYTHONPATH}}"
 # MP_SIZE=N (the original's name) runs N tensor-parallel processes on this machine under torchrun.
 MP_SIZE=${MP_SIZE:-1}
 if [ "$MP_SIZE" -gt 1 ]; then
+    # torchrun's own process imports torch without numpy (not a dependency) and would warn about it
+    export PYTHONWARNINGS="ignore:Failed to initialize NumPy${PYTHONWARNINGS:+,${PYTHONWARNINGS}}"
     exec python -m torch.distributed.run --standalone --nproc-per-node "$MP_SIZE" \
         -m glm.generate --tensor-parallel-size "$MP_SIZE" "$@"
 fi

@@ -74,3 +74,19 @@ def test_the_custom_op_for_torch_compile_passes_torch_opcheck():
     torch.library.opcheck(cpu_matmul.native_linear, (x, w, b))
     torch.library.opcheck(cpu_matmul.native_linear, (x, w.float(), None))
     torch.testing.assert_close(cpu_matmul.native_linear(x, w, b), F.linear(x, w.float(), b))
+
+
+def test_the_isa_override_forces_a_path_or_names_what_is_supported(monkeypatch):
+    from glm import native as build
+
+    monkeypatch.setenv("GLM_NATIVE_ISA", "none")
+    assert build.selected_isa() is None
+    monkeypatch.setenv("GLM_NATIVE_ISA", "auto")
+    assert build.selected_isa() == (build.supported_isas() or [None])[-1]
+    monkeypatch.setenv("GLM_NATIVE_ISA", "avx9000")
+    with pytest.raises(ValueError, match="GLM_NATIVE_ISA=avx9000: choose auto, none or avx2"):
+        build.selected_isa()
+    monkeypatch.setattr(build, "supported_isas", lambda: [])
+    monkeypatch.setenv("GLM_NATIVE_ISA", "avx2")
+    with pytest.raises(ValueError, match="this CPU lacks it"):
+        build.selected_isa()

@@ -222,11 +222,9 @@ def test_a_killed_rank_ends_the_other_with_an_error(tmp_path):
     ranks = start_ranks(tmp_path, timeout_s=600)
     try:
         ranks[0].send_signal(signal.SIGKILL)
-        start = time.monotonic()
         _, err = ranks[1].communicate(timeout=60)  # not the 600 s timeout: the peer's sockets closed
         assert ranks[1].returncode == 1
         assert "error: [rank 1] lost contact with another rank of the job" in err
-        assert time.monotonic() - start < 30
     finally:
         for rank in ranks:
             rank.kill()

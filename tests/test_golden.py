@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tolerance import assert_model_close
 
 from glm.checkpoint import save_checkpoint
 from glm.config import get_preset
@@ -22,7 +23,7 @@ def forward_full(model: GLM, reference: dict) -> torch.Tensor:
 def test_full_forward_matches_reference(sat_tiny, reference):
     logits = forward_full(sat_tiny, reference)
     assert logits.shape == reference["logits_full"].shape
-    torch.testing.assert_close(logits, reference["logits_full"], atol=1e-4, rtol=0)
+    assert_model_close(logits, reference["logits_full"], sat_tiny.config)
 
 
 def test_hidden_states_match_reference(sat_tiny, reference):
@@ -35,7 +36,7 @@ def test_hidden_states_match_reference(sat_tiny, reference):
         for hook in hooks:
             hook.remove()
     expected = reference["hidden_states_per_layer_sbh"].transpose(1, 2)  # [L, s, b, h] -> [L, b, s, h]
-    torch.testing.assert_close(torch.stack(outputs), expected, atol=1e-4, rtol=0)
+    assert_model_close(torch.stack(outputs), expected, sat_tiny.config)
 
 
 def test_kv_cache_holds_reference_mem_kv(sat_tiny, reference):
@@ -45,7 +46,7 @@ def test_kv_cache_holds_reference_mem_kv(sat_tiny, reference):
     # mem_kv per token is [K after rotary | V], each heads in order: [L, b, s, 2*nh*hn]
     k = torch.stack(cache.k)[:, :, :, :12].permute(0, 1, 3, 2, 4).flatten(3)
     v = torch.stack(cache.v)[:, :, :, :12].permute(0, 1, 3, 2, 4).flatten(3)
-    torch.testing.assert_close(torch.cat([k, v], dim=-1), reference["mem_kv_full"], atol=1e-5, rtol=0)
+    assert_model_close(torch.cat([k, v], dim=-1), reference["mem_kv_full"], sat_tiny.config)
 
 
 def test_incremental_logits_match_reference(sat_tiny, reference):
@@ -57,7 +58,7 @@ def test_incremental_logits_match_reference(sat_tiny, reference):
         for i in range(7, 12):
             step = slice(i, i + 1)
             steps.append(sat_tiny(tokens[:, step], positions[:, step], mask[:, :, step, : i + 1], cache))
-    torch.testing.assert_close(torch.cat(steps, dim=1), reference["logits_incremental"], atol=1e-4, rtol=0)
+    assert_model_close(torch.cat(steps, dim=1), reference["logits_incremental"], sat_tiny.config)
 
 
 def test_greedy_tokens_match_reference(sat_tiny, reference):

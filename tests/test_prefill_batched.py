@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_model_close
 
 from glm.api import load
 from glm.decoding import generate
@@ -67,15 +68,13 @@ def test_batched_prefill_equals_each_prompt_alone(bundled, max_tokens):
     written = torch.zeros(3, 16, 2, dtype=torch.bool)  # [G, T, W]
     for p, got in zip(prompts, batched, strict=True):
         expected, cache = alone(bundled, p)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert_model_close(got, expected, bundled.config)
         n = len(p.ids)
         written[p.group, :n, p.row] = True
         for layer, (k, v) in enumerate(zip(rows.cache.k, rows.cache.v, strict=True)):
             for buffer, reference in ((k, cache.k[layer]), (v, cache.v[layer])):
                 # row w's position t at column t * W + w
-                torch.testing.assert_close(
-                    buffer[p.group, :, p.row : 2 * n : 2], reference[0], atol=1e-5, rtol=0
-                )
+                assert_model_close(buffer[p.group, :, p.row : 2 * n : 2], reference[0], bundled.config)
         seen = torch.zeros(16, 2, dtype=torch.bool)
         seen[:n, p.row] = True
         assert torch.equal(rows.visible[p.group, p.row], seen)  # its prompt, nothing else
@@ -88,12 +87,12 @@ def test_one_prompt_alone_through_rows_equals_the_batch(bundled):
     prompts = prompts_at(SLOTS)
     one_by_one, batched = fresh_rows(bundled), fresh_rows(bundled)
     for got, p in zip(batched.prefill_many(prompts), prompts, strict=True):
-        torch.testing.assert_close(got, one_by_one.prefill(*p), atol=1e-5, rtol=0)
+        assert_model_close(got, one_by_one.prefill(*p), bundled.config)
     assert torch.equal(batched.visible, one_by_one.visible)
     for a, b in zip(
         [*batched.cache.k, *batched.cache.v], [*one_by_one.cache.k, *one_by_one.cache.v], strict=True
     ):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_model_close(a, b, bundled.config)
 
 
 def test_all_logits_equal_a_forward_without_cache(bundled):
@@ -103,7 +102,7 @@ def test_all_logits_equal_a_forward_without_cache(bundled):
         with torch.no_grad():
             expected = bundled(torch.tensor([p.ids]), p.positions[None], p.mask[None, None])[0]
         assert got.shape == expected.shape
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert_model_close(got, expected, bundled.config)
 
 
 def test_prompts_are_grouped_by_length_within_the_budget():

@@ -216,7 +216,7 @@ def test_malformed_json_wrong_key_and_unknown_model(server):
 @pytest.fixture(scope="module")
 def small_server():
     """One row and a queue of one: the second waiting request is refused."""
-    process, url = start_server("--groups", "1", "--width", "1", "--max-queue", "1")
+    process, url = start_server("--groups", "1", "--width", "1", "--max-queue", "1", "--max-length", "1024")
     yield process, url
     stop_server(process)
 
@@ -232,15 +232,25 @@ def stream_lines(url: str, body: dict):
         connection.close()
 
 
+def wait_for_health(url: str, **state: int) -> None:
+    """Poll /health until it shows `state` (a deadline, not a sleep, decides)."""
+    deadline = time.monotonic() + 60
+    while (health := get(f"{url}/health").json()) | state != health:
+        assert time.monotonic() < deadline, f"/health never showed {state}: {health}"
+
+
+# A budget far beyond any wait of these tests: the request is running until the client goes away.
+LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
+
+
 def test_queue_full_429_and_disconnect_frees_the_row(small_server):
     _, url = small_server
-    long = {"prompt": "Once upon a time", "max_tokens": 100, "seed": 1, "ignore_eos": True}
-    lines = stream_lines(url, long)
+    lines = stream_lines(url, {**LONG, "seed": 1})
     first = next(line for line in lines if line.startswith("data: "))  # the row is taken
     assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post, f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})
-        time.sleep(1.0)  # it now waits in the queue
+        wait_for_health(url, running=1, waiting=1)  # it now waits in the queue
         refused = post(f"{url}/v1/completions", {"prompt": "b", "max_tokens": 2})
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
         lines.close()  # the client goes away mid-stream: its row is freed for the waiting request
@@ -251,8 +261,11 @@ def test_queue_full_429_and_disconnect_frees_the_row(small_server):
 
 def test_sigterm_finishes_the_request_in_flight(small_server):
     process, url = small_server
-    lines = stream_lines(url, {"prompt": "Once upon a time", "max_tokens": 24, "seed": 2, "ignore_eos": True})
+    lines = stream_lines(
+        url, {"prompt": "Once upon a time", "max_tokens": 200, "seed": 2, "ignore_eos": True}
+    )
     next(line for line in lines if line.startswith("data: "))
+    wait_for_health(url, running=1)  # in flight when the signal comes
     process.send_signal(signal.SIGTERM)
     rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
