@@ -83,9 +83,11 @@ def evaluate(work: Path) -> None:
     task = "tasks/offline/en_mmlu.yaml"
     run(["bash", "scripts/evaluate.sh", task, "--limit", "16", "--output-dir", str(out)], 300)
     (report,) = out.glob("evaluate-*.json")
-    text = report.read_text()
-    data = json.loads(text)
-    assert "en_mmlu" in text and data, text[:500]
+    data = json.loads(report.read_text())
+    (result,) = data["tasks"]
+    scored = result["groups"]["test"]["files"]["test.jsonl"]
+    assert data["status"] == "complete" and scored["samples"] == 16, scored
+    assert 0 <= scored["metrics"]["Accuracy"] <= 100, scored
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import importlib.util
 import json
 import mmap
 import os
@@ -106,7 +107,7 @@ def load_shard(path: Path) -> dict[str, Tensor]:
                 data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # torch raises several types for damaged or hostile files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "numpy" in str(e) and not _safe_globals()[1:]:  # training states pickled with NumPy objects
+        if "numpy" in str(e) and importlib.util.find_spec("numpy") is None:  # SAT's pickled RNG states
             raise CheckpointError(
                 f"checkpoint shard {path} holds NumPy objects (SAT's saved RNG states): pip install numpy"
             ) from None

@@ -65,7 +65,7 @@ def _quantized_path(bits: int, device: torch.device, dtype: torch.dtype) -> str:
     from quantization.cpu import DECODE_MAX_ROWS, matmul_dtype, native_kernels
 
     dense = _dtype_name(matmul_dtype(dtype))
-    if native_kernels() is not None and dtype == torch.float32:
+    if native_kernels() is not None:  # any activation dtype: the kernel takes them as fp32
         decode = f"<= {DECODE_MAX_ROWS} rows the native AVX2 kernel (activations rounded to int16 per row)"
     elif dtype == torch.bfloat16:
         decode = f"<= {DECODE_MAX_ROWS} rows torch's fused int{bits}pack op (bf16)"

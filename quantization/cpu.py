@@ -3,8 +3,9 @@
 Decode (a few rows): the AVX2 kernel in cpu_kernels.cpp reads the stored weight bytes once (INT8 as they
 are, INT4 in the original nibble layout), with the activations rounded to int16 per row. It is compiled
 on first use with torch.utils.cpp_extension and cached (~/.cache/torch_extensions). Without a compiler or
-AVX2 it falls back to torch's fused weight-only ops fed bf16 activations (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`; the INT4 one needs its own copy of the weight, made on first use).
+AVX2 an fp32 model dequantises and multiplies in fp32 (as prefill does), and a bf16 model takes torch's
+fused weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; the INT4 one needs its own
+copy of the weight, made on first use).
 
 Prefill (many rows): dequantise the weight (in tiles of rows of at most PREFILL_TILE_BYTES) into a float
 buffer that each thread keeps for its next call, and multiply each tile into its columns of the output with

@@ -261,9 +261,7 @@ def test_queue_full_429_and_disconnect_frees_the_row(small_server):
 
 def test_sigterm_finishes_the_request_in_flight(small_server):
     process, url = small_server
-    lines = stream_lines(
-        url, {"prompt": "Once upon a time", "max_tokens": 200, "seed": 2, "ignore_eos": True}
-    )
+    lines = stream_lines(url, {**LONG, "max_tokens": 200, "seed": 2})
     next(line for line in lines if line.startswith("data: "))
     wait_for_health(url, running=1)  # in flight when the signal comes
     process.send_signal(signal.SIGTERM)
