@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from glm.decoding import build_inputs
+from glm.decoding.query import build_inputs
 from glm.objective import (
     IGNORE,
     SpecialIds,

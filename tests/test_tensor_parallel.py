@@ -13,9 +13,9 @@ from glm import distributed, tensor_parallel
 from glm.checkpoint import CheckpointError, save_checkpoint
 from glm.config import get_preset
 from glm.decoding import generate
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.loading import load_model
 from glm.model import GLM, init_random_weights
-from glm.strategies import BaseStrategy, BeamSearchStrategy
 
 SAT_TINY = Path(__file__).parent / "data" / "sat_tiny"
 EOP, SOP, MASK = 995, 994, 990
