@@ -194,7 +194,7 @@ class Engine:
         request._logprobs = [[] for _ in range(request.width)]
         request._stopped = [None] * request.width
         if request.penalties.active:
-            request._counts = torch.zeros(request.width, logits.shape[-1], device=self.device)
+            request._counts = torch.zeros(request.width, logits[0].shape[-1], device=self.device)
         self._advance(request, torch.stack(logits)[:, None].expand(elements, 1, -1))
 
     # ---- one token
@@ -332,16 +332,16 @@ class Engine:
             assert request.tokens is not None
             j = request.steps - 1  # index of the generated token fed now
             last = request.tokens[:, :, -1].reshape(-1).clamp(min=0).cpu()  # finished: -1
-            for (g, rows), (prompt, mask_position) in placed(request):
-                tokens[g, rows], last = last[: len(rows)], last[len(rows) :]
-                positions[g, rows] = generated_position(len(prompt), mask_position, j)
-                columns[g, rows] = len(prompt) + j
+            for (g, slots), (prompt, mask_position) in placed(request):
+                tokens[g, slots], last = last[: len(slots)], last[len(slots) :]
+                positions[g, slots] = generated_position(len(prompt), mask_position, j)
+                columns[g, slots] = len(prompt) + j
         logits = rows.decode_one_token(
             tokens.to(self.device), positions.to(self.device), columns.to(self.device)
         )
         for request in list(self.running):
             strategy = request.strategy
-            view = torch.cat([logits[g, rows] for g, rows in request._places])
+            view = torch.cat([logits[g, slots] for g, slots in request._places])
             view = view.view(strategy.batch_size, strategy.num_beams, -1)
             try:
                 self._advance(request, view)
