@@ -191,10 +191,11 @@ class Engine:
         for e, (prompt, _) in enumerate(request.elements):
             tokens[e, 0, offset - len(prompt) :] = torch.tensor(prompt)
         request.tokens = tokens.to(self.device)
-        request._logprobs = [[] for _ in range(request.width)]
-        request._stopped = [None] * request.width
+        rows = elements * request.strategy.num_beams
+        request._logprobs = [[] for _ in range(rows)]
+        request._stopped = [None] * rows
         if request.penalties.active:
-            request._counts = torch.zeros(request.width, logits[0].shape[-1], device=self.device)
+            request._counts = torch.zeros(rows, logits[0].shape[-1], device=self.device)
         self._advance(request, torch.stack(logits)[:, None].expand(elements, 1, -1))
 
     # ---- one token

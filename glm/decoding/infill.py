@@ -52,6 +52,7 @@ class Query:
 
 
 def prepare_query(text: str, tokenizer: GLMTokenizer) -> Query:
+    """`text` as ids ready for infilling (`[gMASK]` or `eos` appended), with the mask kind it fills."""
     pieces = MASK_PATTERN.split(text)  # text, mask, text, ..., text
     masks = pieces[1::2]
     mask = next((m for m in ("[MASK]", "[sMASK]") if m in masks), "[gMASK]")
