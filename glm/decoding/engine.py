@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glm.decoding.query import context_inputs, generated_position
+from glm.decoding.query import PAD_TOKEN, context_inputs, generated_position
 from glm.decoding.requests import Output, QueueFull, Request, TokenLogprobs, strategy_of
 from glm.decoding.rows import MAX_PREFILL_TOKENS, Prompt, Rows
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.distributed import synchronized
 from glm.model import GLM
-
-PAD_TOKEN = 0  # what precedes a shorter prompt of a batch in its rows of `Request.tokens`
 
 
 class Engine:
@@ -187,7 +185,7 @@ class Engine:
         for g, rows in request._places:
             self.rows.fork(g, rows, [rows[0]] * len(rows))
         elements, offset = request.strategy.batch_size, request.offset
-        tokens = torch.full((elements, 1, offset), PAD_TOKEN, dtype=torch.long)  # [n, 1, L]
+        tokens = torch.full((elements, 1, offset), PAD_TOKEN, dtype=torch.long)  # [n, 1, L], left-padded
         for e, (prompt, _) in enumerate(request.elements):
             tokens[e, 0, offset - len(prompt) :] = torch.tensor(prompt)
         request.tokens = tokens.to(self.device)
