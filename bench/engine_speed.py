@@ -33,8 +33,11 @@ from bench.benchmark import build_model, cpu_snapshot, memory_bandwidth, other_c
 from bench.machine import cpu_name
 from glm.config import get_preset
 from glm.decoding import generate
-from glm.engine import Engine, Request, Rows, context_inputs
-from glm.strategies import BaseStrategy
+from glm.decoding.engine import Engine
+from glm.decoding.query import context_inputs
+from glm.decoding.requests import Request
+from glm.decoding.rows import Rows
+from glm.decoding.strategies import BaseStrategy
 
 BUNDLED_PROBE = """
 import json, sys, time, torch

@@ -35,8 +35,8 @@ def _worker(rank: int, world: int, port: int, preset: str, prompt: int, steps: i
     from glm import distributed, tensor_parallel
     from glm.config import get_preset
     from glm.decoding import generate
+    from glm.decoding.strategies import BaseStrategy
     from glm.model import GLM, init_random_weights
-    from glm.strategies import BaseStrategy
 
     distributed.initialize()
     config = get_preset(preset)

@@ -16,11 +16,12 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 if TYPE_CHECKING:
     from glm.api import DEFAULT_MODEL, load
     from glm.config import PRESETS, GLMConfig, get_preset
-    from glm.decoding import generate
-    from glm.infill import Answer, GenerationOptions, fill_blanks
+    from glm.decoding.batch import generate
+    from glm.decoding.infill import Answer, fill_blanks
+    from glm.decoding.options import GenerationOptions
+    from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
     from glm.loading import load_model
     from glm.model import GLM, KVCache
-    from glm.strategies import BaseStrategy, BeamSearchStrategy
     from glm.tokenizer import GLMTokenizer
 
 _EXPORTS = {
@@ -29,15 +30,15 @@ _EXPORTS = {
     "PRESETS": "glm.config",
     "GLMConfig": "glm.config",
     "get_preset": "glm.config",
-    "generate": "glm.decoding",
-    "Answer": "glm.infill",
-    "GenerationOptions": "glm.infill",
-    "fill_blanks": "glm.infill",
+    "generate": "glm.decoding.batch",
+    "Answer": "glm.decoding.infill",
+    "GenerationOptions": "glm.decoding.options",
+    "fill_blanks": "glm.decoding.infill",
     "load_model": "glm.loading",
     "GLM": "glm.model",
     "KVCache": "glm.model",
-    "BaseStrategy": "glm.strategies",
-    "BeamSearchStrategy": "glm.strategies",
+    "BaseStrategy": "glm.decoding.strategies",
+    "BeamSearchStrategy": "glm.decoding.strategies",
     "GLMTokenizer": "glm.tokenizer",
 }
 

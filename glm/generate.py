@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glm.api import ArgumentParser, add_model_arguments, load_from_args, run_cli
+from glm.decoding.options import STRATEGIES, GenerationOptions, check_option
 from glm.files import write_text_atomic
-from glm.options import STRATEGIES, GenerationOptions, check_option
 
 if TYPE_CHECKING:
-    from glm.infill import Answer, GenerationStats
+    from glm.decoding.infill import Answer, GenerationStats
     from glm.model import GLM
     from glm.tokenizer import GLMTokenizer
 
@@ -319,7 +319,7 @@ class Session:
         self.color = sys.stdout.isatty()
 
     def fill(self, texts: list[str], numbers: list[int], on_text=None) -> tuple[list[list[Answer]], Any]:
-        from glm import infill
+        from glm.decoding import infill
 
         stats = infill.GenerationStats()
         seeds = [query_seed(self.args.seed, n) for n in numbers]
@@ -327,7 +327,7 @@ class Session:
         return answers, stats
 
     def show(self, text: str, answers: list[Answer]) -> None:
-        from glm.infill import prepare_query
+        from glm.decoding.infill import prepare_query
 
         gmask = prepare_query(text, self.tokenizer).use_gmask
         if self.args.print_all_beams and len(answers) > 1:
@@ -376,7 +376,7 @@ class Session:
                 print("cancelled (Ctrl-C at the prompt exits)")
 
     def answer_one(self, number: int, query_id: str | None, text: str) -> None:
-        from glm.infill import prepare_query
+        from glm.decoding.infill import prepare_query
 
         start = time.time()
         self.check_room(text, f"query {number}")
@@ -404,7 +404,7 @@ class Session:
 
     def check_room(self, text: str, where: str) -> None:
         """A query that leaves room to generate under --out-seq-length."""
-        from glm.infill import prepare_query
+        from glm.decoding.infill import prepare_query
 
         length = len(prepare_query(text, self.tokenizer).ids) + 1
         if length >= self.options.out_seq_length:

@@ -6,7 +6,7 @@ lm-eval `Instance`s, whose `.args` are read). `make_lm_class()` imports lm_eval 
 
 Texts are tokenized as the project's evaluator tokenizes a multiple-choice item: the continuation as a choice
 (`glm.evaluation.dataset.encode_choice`). The context is a query: a `[MASK]` written in it is the blank
-that the continuations fill (the adapter's convention, as `glm.infill` reads queries); otherwise `[gMASK]`
+that the continuations fill (the adapter's convention, as blank filling reads queries); otherwise `[gMASK]`
 is appended and the continuations follow the bidirectional context. A context's continuations are scored
 as one packed row (`glm.scoring`), as the evaluator scores a multiple-choice item.
 """
@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from glm.decoding import generate
+from glm.decoding.batch import generate
+from glm.decoding.factory import make_strategy
+from glm.decoding.options import GenerationOptions
 from glm.evaluation.dataset import encode_choice, language_model_windows
 from glm.model import GLM
 from glm.scoring import choice_row, score_rows, window_losses, window_row
-from glm.strategies import BaseStrategy
 from glm.tokenizer import GLMTokenizer
 
 
@@ -96,7 +97,7 @@ class GLMAdapter:
             if max_new < 1:
                 raise ValueError(f"a context of {len(ids)} tokens leaves no room to generate")
             end_ids = self.tokenizer.end_ids
-            strategy = BaseStrategy(1, temperature=1.0, top_k=1, end_tokens=end_ids)
+            strategy = make_strategy(GenerationOptions(temperature=1.0, top_k=1, top_p=0.0), 1, end_ids)
             beam = generate(self.model, [ids], strategy, max_new, [position])[0][0][len(ids) :]
             beam = [t for t in beam if t >= 0]
             if beam and beam[-1] in end_ids:

@@ -10,6 +10,7 @@ to it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,19 @@ from glm.config import GLMConfig
 from glm.cpu_matmul import linear
 
 
-class KVCache:
-    """Static key/value buffers, one pair per layer, allocated once where that layer computes.
+class Cache(Protocol):
+    """What the model asks of a KV cache: each layer hands it the new keys and values (after rotary) and
+    attends to what it returns. `KVCache` below and the decoding engine's rows (glm.decoding.rows)."""
 
-    Keys are stored after rotary. Rows are batch entries (beams included); `length` tokens are cached.
-    A layer's buffers hold the heads that layer computes (its local heads under tensor parallelism).
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class KVCache:
+    """Static key/value buffers, one pair per layer, allocated once where that layer computes; a `Cache`.
+
+    Keys are stored after rotary. Rows are batch entries (beams included); `length` tokens are cached, and
+    the last layer's update moves `length` past the tokens it wrote. A layer's buffers hold the heads that
+    layer computes (its local heads under tensor parallelism).
     """
 
     def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
@@ -52,6 +61,8 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_length} tokens; {end} requested")
         self.k[layer][:b, :, self.length : end] = k
         self.v[layer][:b, :, self.length : end] = v
+        if layer == len(self.k) - 1:
+            self.length = end
         return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
 
     def reorder(self, rows: Tensor) -> None:
@@ -136,7 +147,7 @@ class SelfAttention(nn.Module):
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Cache | None) -> Tensor:
         b, s, _ = x.shape
         nh, hn = self.num_heads, self.head_dim
         qkv = self.query_key_value(x).view(b, s, nh, 3, hn)  # per head [q|k|v]
@@ -178,7 +189,7 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = GeGLU(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Cache | None) -> Tensor:
         a = self.input_layernorm(x)
         h = self.alpha * a + self.attention(a, cos, sin, mask, cache)
         m = self.post_attention_layernorm(h)
@@ -221,7 +232,7 @@ class GLM(nn.Module):
         input_ids: Tensor,
         position_ids: Tensor,
         attention_mask: Tensor,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         logits_at: Tensor | None = None,
     ) -> Tensor:
         """Logits [b, s, vocab] for input_ids and position_ids [b, s].
@@ -245,8 +256,6 @@ class GLM(nn.Module):
         bias.masked_fill_(attention_mask, float("-inf"))
         for layer in self.transformer.layers:
             x = layer(x, cos, sin, bias, cache)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # [b, k, h]
         x = self.transformer.final_layernorm(x)

@@ -2,9 +2,9 @@
 
 A sample is a context part A (the text with its blanks replaced by mask tokens, bidirectional) followed by
 one block per blank, `sop` + the blank's tokens, predicting the blank and then `eop`. Each block sees all of
-A and itself causally, and takes the positions generation gives it (glm/decoding.py): its mask's position
-for `[MASK]`, positions continuing after A for `[gMASK]`. So the first blank of every sample is laid out
-exactly as generation lays it out, and the model learns what inference asks of it.
+A and itself causally (the mask of glm/decoding/query.py), and takes the positions generation gives it: its
+mask's position for `[MASK]`, positions continuing after A for `[gMASK]`. So the first blank of every sample
+is laid out exactly as generation lays it out, and the model learns what inference asks of it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from glm.decoding import query
 
 IGNORE = -100  # label of positions without a loss
 
@@ -93,14 +95,12 @@ def gmask_sample(text: Sequence[int], split: int, ids: SpecialIds, complete: boo
 
 
 def attention_mask(sample: Sample, length: int) -> Tensor:
-    """[length, length] bool, True = masked: A bidirectional, each block sees A and itself causally."""
-    visible = torch.zeros(length, length, dtype=torch.bool)
-    n = sample.context_length
-    visible[: len(sample.tokens), :n] = True
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for start, end in sample.blocks:
-        visible[start:end, start:end] = causal[start:end, start:end]
-    return ~visible
+    """[length, length] bool, True = masked: A bidirectional, each block sees A and itself causally; rows
+    and columns past the sample are masked."""
+    n = len(sample.tokens)
+    mask = torch.ones(length, length, dtype=torch.bool)
+    mask[:n, :n] = ~query.visible(n, sample.context_length, sample.blocks)
+    return mask
 
 
 def collate(rows: list[list[Sample]], pad: int, length: int | None = None) -> dict[str, Tensor]:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from glm.decoding import query
+from glm.decoding.query import PAD_TOKEN
 from glm.model import GLM
-
-PAD_TOKEN = 0  # the original pads batches with token 0
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,7 @@ class PackedRow:
     def visible(self) -> Tensor:
         """[L, L] bool, True = may attend (the original's 1): everything sees the context, a block row
         sees its own block causally."""
-        n = len(self.tokens)
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[:, : self.division] = True
-        for start, end in self.blocks:
-            mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-        return mask
+        return query.visible(len(self.tokens), self.division, self.blocks)
 
 
 def check_row(row: PackedRow, max_length: int) -> None:

@@ -31,7 +31,8 @@ from glm.api import ArgumentParser, add_model_arguments, load_from_args, run_cli
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from glm.engine import Engine, Output, Request
+    from glm.decoding.engine import Engine
+    from glm.decoding.requests import Output, Request
     from glm.tokenizer import GLMTokenizer
 
 log = logging.getLogger("glm.serve")
@@ -276,8 +277,8 @@ class Service:
     ) -> Request:
         import torch
 
-        from glm.engine import Penalties, Request
-        from glm.strategies import BaseStrategy, BeamSearchStrategy
+        from glm.decoding.requests import Penalties, Request
+        from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 
         if params["seed"] is None:  # a request of its own, independent of its neighbours
             params = {**params, "seed": secrets.randbits(63)}
@@ -333,7 +334,7 @@ class Watch:
 
     def on_step(self, request: Request) -> None:  # engine thread
         if self.streaming:
-            from glm.strategies import BeamSearchStrategy
+            from glm.decoding.strategies import BeamSearchStrategy
 
             beam = isinstance(getattr(request.strategy, "strategy", request.strategy), BeamSearchStrategy)
             rows = [request.settled()] if beam else [request.generated(r) for r in range(request.width)]
@@ -347,7 +348,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from glm.infill import Answer, prepare_query
+    from glm.decoding.infill import Answer, prepare_query
 
     tokenizer = service.tokenizer
     engine = service.engine
@@ -619,7 +620,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from glm import distributed
-    from glm.engine import Engine
+    from glm.decoding.engine import Engine
 
     for name in ("groups", "width", "max_queue"):
         if getattr(args, name) < 1:

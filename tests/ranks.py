@@ -23,7 +23,7 @@ PRELOAD = [
     "torch.fx.experimental.symbolic_shapes",
     "glm.loading",
     "glm.tensor_parallel",
-    "glm.decoding",
+    "glm.decoding.batch",
 ]
 multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from glm.api import DEFAULT_MODEL, load
-from glm.infill import fill_blanks
+from glm.decoding.infill import fill_blanks
 from tools.ship_model import GREEDY, GREEDY_PROMPTS, checksums
 
 

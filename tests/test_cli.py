@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import glm.infill
+import glm.decoding.infill
 from glm.generate import build_parser, cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -278,14 +278,14 @@ def test_printed_output_equals_the_saved_file(tiny_checkpoint, tmp_path, capsys)
 
 def test_interactive_stream_is_the_output_line_and_the_file(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     pieces = []
-    real = glm.infill.fill_blanks
+    real = glm.decoding.infill.fill_blanks
 
     def recording(*args, **kwargs):
         on_text = args[4]
         answers = real(*args[:4], lambda t, blank: (pieces.append(t), on_text(t, blank)), *args[5:], **kwargs)
         return answers
 
-    monkeypatch.setattr(glm.infill, "fill_blanks", recording)
+    monkeypatch.setattr(glm.decoding.infill, "fill_blanks", recording)
     query = "The river [MASK] the [sMASK] town, and the [MASK] was cold."
     args = ["--checkpoint", tiny_checkpoint, "--output-path", tmp_path, "--out-seq-length", "60"]
     assert run([*args, "--temperature", "0.7"], monkeypatch, query + "\nstop\n") == 0
@@ -313,7 +313,7 @@ def scripted_input(monkeypatch, replies):
 
 
 def test_ctrl_c_cancels_the_answer_then_exits_at_the_prompt(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    real = glm.infill.fill_blanks
+    real = glm.decoding.infill.fill_blanks
     calls = []
 
     def interrupted_once(*args, **kwargs):
@@ -323,7 +323,7 @@ def test_ctrl_c_cancels_the_answer_then_exits_at_the_prompt(tiny_checkpoint, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(glm.infill, "fill_blanks", interrupted_once)
+    monkeypatch.setattr(glm.decoding.infill, "fill_blanks", interrupted_once)
     scripted_input(monkeypatch, ["first [MASK]", "second [MASK]", KeyboardInterrupt()])
     assert run(["--checkpoint", tiny_checkpoint, "--output-path", tmp_path, "--out-seq-length", "30"]) == 130
     out = capsys.readouterr().out

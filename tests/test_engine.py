@@ -9,9 +9,10 @@ import itertools
 import pytest
 import torch
 
-from glm.decoding import build_inputs
-from glm.engine import Engine, Penalties, QueueFull, Request
-from glm.strategies import BaseStrategy, BeamSearchStrategy
+from glm.decoding.engine import Engine
+from glm.decoding.query import build_inputs
+from glm.decoding.requests import Penalties, QueueFull, Request
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 
 END = 601
 CONTEXTS = [[20, 30, 40, 50, 600], [7, 8, 9, 10, 11, 12, 13, 600], [3, 600]]

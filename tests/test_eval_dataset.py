@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from glm.decoding import generate
+from glm.decoding.strategies import BaseStrategy
 from glm.evaluation.dataset import (
     LanguageModelWindow,
     build_generation_sample,
@@ -25,7 +26,6 @@ from glm.evaluation.dataset import (
     tokenized_input,
     truncate_choice_context,
 )
-from glm.strategies import BaseStrategy
 
 MASK, GMASK, SOP = 60, 61, 62
 

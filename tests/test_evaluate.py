@@ -17,12 +17,12 @@ from scoring_oracle import choice_positions, per_choice_scores, window_nll_by_ha
 
 import glm.evaluate as evaluate_module
 from glm.decoding import generate
+from glm.decoding.strategies import BeamSearchStrategy
 from glm.evaluate import cli
 from glm.evaluation.config import config_from_dict, load_task_config, resolve_file_groups
 from glm.evaluation.dataset import encode_choice
 from glm.evaluation.metrics import normalize_answer
 from glm.evaluation.tasks import GenerationTask, LanguageModelTask, MultiChoiceTask, task_class
-from glm.strategies import BeamSearchStrategy
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,11 @@ import torch
 from tolerance import assert_model_close
 
 from glm.api import load
-from glm.decoding import build_inputs, generate
-from glm.infill import GenerationOptions, GenerationStats, fill_blanks, prepare_query
-from glm.strategies import BaseStrategy, BeamSearchStrategy
+from glm.decoding import generate
+from glm.decoding.infill import GenerationStats, fill_blanks, prepare_query
+from glm.decoding.options import GenerationOptions
+from glm.decoding.query import build_inputs
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
 
 

@@ -8,9 +8,9 @@ from tolerance import assert_model_close
 from glm.checkpoint import save_checkpoint
 from glm.config import get_preset
 from glm.decoding import generate
+from glm.decoding.strategies import BaseStrategy
 from glm.loading import load_model
 from glm.model import GLM
-from glm.strategies import BaseStrategy
 
 EOP = 995  # sat_tiny's eop id
 

@@ -8,9 +8,9 @@ from scoring_oracle import block_distributions, choice_positions, per_choice_sco
 
 import glm.lm_eval_adapter as adapter_module
 from glm.decoding import generate
+from glm.decoding.strategies import BaseStrategy
 from glm.evaluation.dataset import encode_choice, language_model_windows
 from glm.lm_eval_adapter import GLMAdapter
-from glm.strategies import BaseStrategy
 
 MASKED = "这固然得费一番[MASK]的工夫。"
 PLAIN = "The quick brown fox jumps over"

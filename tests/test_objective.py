@@ -7,7 +7,7 @@ import itertools
 import torch
 from tolerance import assert_model_close
 
-from glm.decoding import build_inputs
+from glm.decoding.query import build_inputs
 from glm.objective import (
     IGNORE,
     SpecialIds,

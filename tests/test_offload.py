@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from glm.checkpoint import save_checkpoint
 from glm.config import GLMConfig
 from glm.decoding import generate
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.loading import load_model
 from glm.model import GLM, Linear, init_random_weights
 from glm.offload import Offload, OffloadError, parse_memory, plan_offload
-from glm.strategies import BaseStrategy, BeamSearchStrategy
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = GLMConfig(

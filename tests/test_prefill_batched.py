@@ -10,9 +10,12 @@ from tolerance import assert_model_close
 
 from glm.api import load
 from glm.decoding import generate
-from glm.engine import Engine, Prompt, Request, Rows, context_inputs, prefill_batches
+from glm.decoding.engine import Engine
+from glm.decoding.query import context_inputs
+from glm.decoding.requests import Request
+from glm.decoding.rows import Prompt, Rows, prefill_batches
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.model import KVCache
-from glm.strategies import BaseStrategy, BeamSearchStrategy
 
 END = 601
 # (prompt, mask position, unidirectional): different lengths, [gMASK] and [MASK] layouts, causal contexts

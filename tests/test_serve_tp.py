@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from glm.api import load
-from glm.engine import Engine
-from glm.infill import prepare_query
+from glm.decoding.engine import Engine
+from glm.decoding.infill import prepare_query
 from glm.serve import Service, parse_params
 from tests.test_serve import MODEL, ROOT, free_port, get
 

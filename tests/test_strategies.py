@@ -1,4 +1,4 @@
-"""Tests for glm.strategies against hand-computed and brute-force expectations."""
+"""Tests for glm.decoding.strategies against hand-computed and brute-force expectations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from glm.strategies import (
+from glm.decoding.strategies import (
     FILTER_VALUE,
     BaseStrategy,
     BeamSearchStrategy,

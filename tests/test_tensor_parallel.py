@@ -14,9 +14,9 @@ from glm import distributed, tensor_parallel
 from glm.checkpoint import CheckpointError, save_checkpoint
 from glm.config import get_preset
 from glm.decoding import generate
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.loading import load_model
 from glm.model import GLM, init_random_weights
-from glm.strategies import BaseStrategy, BeamSearchStrategy
 
 # The sizes of every model compared here (the eight-head variant differs in its head count only).
 CONFIG = get_preset("sat-tiny")

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from glm.api import load
-from glm.infill import GenerationOptions, fill_blanks
+from glm.decoding.infill import fill_blanks
+from glm.decoding.options import GenerationOptions
 
 # The fixed prompts whose greedy infills tests/test_bundled_model.py checks.
 GREEDY_PROMPTS = [

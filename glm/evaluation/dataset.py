@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from glm.decoding import generate
+from glm.decoding.batch import generate
+from glm.decoding.query import context_inputs, generated_position
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.evaluation.metrics import count_original_tokens
 from glm.model import GLM
 from glm.scoring import PackedRow, choice_row
-from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
 
 Encode = Callable[[str], list[int]]
@@ -277,11 +277,7 @@ class GenerationSample:
     def attention_mask(self) -> Tensor:
         """[ctx, ctx] bool, True = visible: causal, with the context before `sop` bidirectional unless
         unidirectional. Built on demand."""
-        n = len(self.tokens)
-        mask = torch.ones(n, n, dtype=torch.bool).tril()
-        if not self.unidirectional:
-            mask[: n - 1, : n - 1] = True
-        return mask
+        return ~context_inputs(len(self.tokens), self.mask_position, self.unidirectional)[1]
 
 
 def build_generation_sample(
@@ -301,17 +297,12 @@ def build_generation_sample(
     else:
         mask_position = len(text)
         tokens = [mask_id, sop_id, *text] if unidirectional else [*text, mask_id, sop_id]
-    n = len(tokens)
-    positions = list(range(n))
-    target_positions = list(range(n, n + max_gen_length))
-    if not use_task_mask:
-        positions[n - 1 :] = [mask_position]
-        target_positions = [mask_position] * max_gen_length
+    n, filled = len(tokens), None if use_task_mask else mask_position
     return GenerationSample(
         tokens,
-        positions,
-        target_positions,
-        None if use_task_mask else mask_position,
+        context_inputs(n, filled)[0].tolist(),
+        [generated_position(n, filled, j) for j in range(max_gen_length)],
+        filled,
         unidirectional,
         targets or [],
     )

@@ -18,6 +18,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from glm.decoding.factory import banned_tokens, make_strategy
+from glm.decoding.options import GenerationOptions
+from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.distributed import data_parallel_share, gather_data_parallel
 from glm.evaluation.config import (
     BaseConfig,
@@ -56,7 +59,6 @@ from glm.evaluation.report import (
 )
 from glm.model import GLM
 from glm.scoring import choice_scores, window_losses, window_row
-from glm.strategies import BaseStrategy, BeamSearchStrategy
 from glm.tokenizer import GLMTokenizer
 
 
@@ -290,28 +292,21 @@ class GenerationTask(BaseTask):
     def check_file(cls, config: BaseConfig, path: Path) -> None:
         check_generation_items(read_jsonl(path), path)
 
-    def invalid_slices(self) -> list[slice]:
-        """Ids never generated: the mask tokens and the embedding's padding rows past the tokenizer's
-        vocabulary, as in blank filling (glm.infill); the original's evaluator allowed them."""
-        masks = sorted(self.tokenizer.mask_ids.values())
-        return [slice(masks[0], masks[-1] + 1), slice(self.tokenizer.vocab_size, None)]
-
     def build_strategy(self, batch_size: int) -> BaseStrategy | BeamSearchStrategy:
-        """The original's strategies; end tokens are [eop, eos]."""
-        end, invalid = self.tokenizer.end_ids, self.invalid_slices()
+        """The original's strategies (greedy, or deterministic beam search); end tokens are [eop, eos], and
+        no mask or padding id is generated, as in blank filling (the original's evaluator allowed them)."""
         if self.config.sampling_strategy == "BaseStrategy":
-            return BaseStrategy(batch_size, invalid, temperature=1.0, top_k=1, end_tokens=end)
-        return BeamSearchStrategy(
-            batch_size,
-            self.config.num_beams,
-            length_penalty=self.config.length_penalty,
-            consider_end=True,
-            end_tokens=end,
-            invalid_slices=invalid,
-            no_repeat_ngram_size=self.config.no_repeat_ngram_size,
-            min_gen_length=self.config.min_gen_length,
-            deterministic=True,
-        )
+            options = GenerationOptions(temperature=1.0, top_k=1, top_p=0.0)
+        else:
+            options = GenerationOptions(
+                "BeamSearchStrategy",
+                num_beams=self.config.num_beams,
+                length_penalty=self.config.length_penalty,
+                no_repeat_ngram_size=self.config.no_repeat_ngram_size,
+                min_gen_length=self.config.min_gen_length,
+                deterministic=True,
+            )
+        return make_strategy(options, batch_size, self.tokenizer.end_ids, banned_tokens(self.tokenizer))
 
     def build_dataset(self, path: Path) -> EvalDataset:
         items = self._items(path)

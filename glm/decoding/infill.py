@@ -14,52 +14,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm.engine import Engine, Output, Request
+from glm.decoding.engine import Engine
+from glm.decoding.factory import banned_tokens, make_strategy
+from glm.decoding.options import GenerationOptions
+from glm.decoding.requests import Output, Request
 from glm.model import GLM
-from glm.options import GenerationOptions
-from glm.strategies import BaseStrategy, BeamSearchStrategy, Generators
 from glm.tokenizer import MASK_PATTERN, GLMTokenizer
 
 __all__ = [
     "Answer",
-    "GenerationOptions",
     "GenerationStats",
     "MaskText",
     "Query",
     "fill_blanks",
     "prepare_query",
 ]
-
-
-def make_strategy(
-    options: GenerationOptions,
-    batch_size: int,
-    end_tokens: list[int],
-    invalid_slices: Sequence[slice] = (),
-    generator: Generators = None,
-) -> BaseStrategy | BeamSearchStrategy:
-    if options.sampling_strategy == "BeamSearchStrategy":
-        return BeamSearchStrategy(
-            batch_size,
-            options.num_beams,
-            length_penalty=options.length_penalty,
-            consider_end=True,
-            end_tokens=end_tokens,
-            no_repeat_ngram_size=options.no_repeat_ngram_size,
-            min_gen_length=options.min_gen_length,
-            deterministic=options.deterministic,
-            invalid_slices=invalid_slices,
-            generator=generator,
-        )
-    return BaseStrategy(
-        batch_size,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        end_tokens=end_tokens,
-        invalid_slices=invalid_slices,
-        generator=generator,
-    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +52,7 @@ class Query:
 
 
 def prepare_query(text: str, tokenizer: GLMTokenizer) -> Query:
+    """`text` as ids ready for infilling (`[gMASK]` or `eos` appended), with the mask kind it fills."""
     pieces = MASK_PATTERN.split(text)  # text, mask, text, ..., text
     masks = pieces[1::2]
     mask = next((m for m in ("[MASK]", "[sMASK]") if m in masks), "[gMASK]")
@@ -211,10 +181,7 @@ def fill_blanks(
         raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
     queries = [prepare_query(t, tokenizer) for t in texts]
     sop, end_tokens = tokenizer.sop_id, [tokenizer.eop_id, tokenizer.eos_id]
-    # Unlike the original, never generate a mask token (it would be filled next, without end) nor one of
-    # the embedding's padding rows past the tokenizer's vocabulary.
-    masks = sorted(tokenizer.mask_ids.values())
-    invalid = [slice(masks[0], masks[-1] + 1), slice(tokenizer.vocab_size, None)]
+    invalid = banned_tokens(tokenizer)
     for text, query in zip(texts, queries, strict=True):
         if len(query.ids) + 1 >= options.out_seq_length:
             raise ValueError(
