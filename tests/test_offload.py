@@ -317,7 +317,7 @@ def test_streams_the_quantization_transforms_packed_layers(checkpoint, bits):
 
 
 def test_reads_split_into_many_concurrent_chunks(checkpoint, monkeypatch):
-    monkeypatch.setattr("glm.offload.READ_CHUNK", 4096)  # every matrix read in several pieces at once
+    monkeypatch.setattr("glm.offload.stores.READ_CHUNK", 4096)  # every matrix read in several pieces at once
     reference, _ = load_model(checkpoint, dtype="float32")
     offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload("40%", "cpu", torch.float32)])
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
