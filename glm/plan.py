@@ -90,9 +90,11 @@ def run_transforms(tensor_parallel_size: int, bits: int | None) -> list[Transfor
 
 
 def _run_on_meta(model: GLM) -> GLM:
+    """Quantized layers (quantization.layers.QuantizedLinear) compute with the dequantizing stand-in."""
     for module in model.modules():
-        if hasattr(module, "_kernel"):  # quantization.layers.QuantizedLinear picks its kernel lazily
-            module._kernel = _dequantizing_kernel
+        set_kernel = getattr(module, "set_kernel", None)
+        if set_kernel is not None:
+            set_kernel(_dequantizing_kernel)
     return model
 
 
@@ -111,6 +113,7 @@ def build_meta_model(config: GLMConfig, transforms: Sequence[Transform]) -> GLM:
 
 
 def weight_kind(name: str) -> str:
+    """A tensor's kind in the report, from its state-dict name."""
     if "word_embeddings" in name:
         return "embedding"
     if "layernorm" in name:
@@ -123,9 +126,11 @@ def weight_kind(name: str) -> str:
 
 
 def weights_by_kind(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of the model's parameters and buffers by `weight_kind`, floating tensors in `dtype`."""
     kinds: dict[str, int] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        kinds[weight_kind(name)] = kinds.get(weight_kind(name), 0) + tensor_bytes(tensor, dtype)
+        kind = weight_kind(name)
+        kinds[kind] = kinds.get(kind, 0) + tensor_bytes(tensor, dtype)
     return kinds
 
 
@@ -240,10 +245,12 @@ def plan_memory(
     return MemoryPlan(weights, kv, activations, workspace, offload, memory)
 
 
-def offload_needed(plan_args: dict, device_memory: int) -> MemoryPlan | None:
-    """The plan with the largest --max-memory that leaves room for the cache, activations and workspace,
-    or None if even the minimum streaming setup does not fit."""
-    base = plan_memory(**{**plan_args, "max_memory": None, "device_memory": device_memory})
+def offload_needed(plan_args: dict, base: MemoryPlan) -> MemoryPlan | None:
+    """The plan with the largest --max-memory that leaves room for the cache, activations and workspace of
+    `base` (the plan of `plan_args` without offload, on a device of known memory), or None if even the
+    minimum streaming setup does not fit."""
+    device_memory = base.device_memory
+    assert device_memory is not None
     budget = device_memory - base.kv_cache - base.activations - base.workspace
     try:
         plan = plan_memory(**{**plan_args, "max_memory": max(budget, 0), "device_memory": device_memory})
@@ -293,6 +300,7 @@ def _gb(n: float) -> str:
 
 
 def describe(plan: MemoryPlan, config: GLMConfig) -> str:
+    """The report `python -m glm.plan` prints for one plan."""
     lines = ["per rank:"]
     for kind, n in sorted(plan.weights.items(), key=lambda kv: -kv[1]):
         lines.append(f"  weights {kind:<10} {_gb(n):>12}")
@@ -318,6 +326,7 @@ def describe(plan: MemoryPlan, config: GLMConfig) -> str:
 
 
 def format_hardware_table(rows: list[dict]) -> str:
+    """`hardware_table`'s rows as the Markdown table `--hardware-table` prints."""
     out = [
         "| Hardware | GPU memory | Quantization | Offload (original) | weights / GPU | total / GPU "
         "| planner says |",
@@ -341,6 +350,7 @@ def format_hardware_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m glm.plan`: 0 when the run fits, 1 when it does not, 2 for a bad argument."""
     parser = argparse.ArgumentParser(
         prog="plan", description="Per-rank memory of a run, and whether it fits."
     )
@@ -383,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_memory(**plan_args, max_memory=max_memory, device_memory=args.device_memory)
         print(describe(plan, config))
         if not plan.fits and max_memory is None:
-            needed = offload_needed(plan_args, plan.device_memory)
+            needed = offload_needed(plan_args, plan)
             if needed is None:
                 print("does not fit even with offload: quantize, or use more devices")
             else:

@@ -87,7 +87,7 @@ def parse_run_config(values: dict[str, Any], source: str, base: Path | None = No
     if fields.get("quantization_bit_width") not in (None, 4, 8):
         raise ValueError(f"{source}: quantization_bit_width must be 4 or 8 (or absent for none)")
     if fields.get("max_memory") is not None:
-        from glm.offload import parse_memory
+        from glm.offload.sizes import parse_memory
 
         fields["max_memory"] = str(fields["max_memory"])
         parse_memory(fields["max_memory"], 1)

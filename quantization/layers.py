@@ -132,6 +132,11 @@ class QuantizedLinear(Linear):
         if self.weight.device.type == "cpu":
             native_kernels()  # built while loading (the first time: about a minute), not in the first request
 
+    def set_kernel(self, kernel: Kernel) -> None:
+        """Compute with `kernel(x, weight, weight_scale)` instead of the device's own, until the next
+        `load_weight` (e.g. a stand-in of equal memory that runs on meta tensors)."""
+        self._kernel = kernel
+
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self._kernel is None:
             self._kernel = make_kernel(self.spec.bits, self.weight.device)

@@ -317,13 +317,37 @@ def test_streams_the_quantization_transforms_packed_layers(checkpoint, bits):
 
 
 def test_reads_split_into_many_concurrent_chunks(checkpoint, monkeypatch):
-    monkeypatch.setattr("glm.offload.READ_CHUNK", 4096)  # every matrix read in several pieces at once
+    monkeypatch.setattr("glm.offload.stores.READ_CHUNK", 4096)  # every matrix read in several pieces at once
     reference, _ = load_model(checkpoint, dtype="float32")
     offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload("40%", "cpu", torch.float32)])
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     for _ in range(3):
         for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
             assert torch.equal(a, b)
+
+
+def test_the_next_matrix_is_fetched_before_the_current_one_is_waited_for(checkpoint):
+    # The prefetch order from the streamer's own calls to its store, not from timing: with two buffers,
+    # each unit's wait comes after the fetch of the unit after it (wrapping around to the first).
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload("40%", "cpu", torch.float32)])
+    streamer, store = offloaded.offload, offloaded.offload.store
+    events: list[tuple[str, int]] = []
+    fetch, wait = store.fetch, store.wait
+
+    def logged_fetch(unit, slot, slot_index):
+        events.append(("fetch", streamer.units.index(unit)))
+        return fetch(unit, slot, slot_index)
+
+    def logged_wait(pending):
+        slot = next(i for i, p in enumerate(streamer.pending) if p is pending)
+        events.append(("wait", streamer.holding[slot]))
+        wait(pending)
+
+    store.fetch, store.wait = logged_fetch, logged_wait
+    forward_passes(offloaded, torch.tensor([[3, 1, 4, 1, 5]]))  # four forwards
+    n = len(streamer.units)
+    step = [e for i in range(n) for e in (("fetch", (i + 1) % n), ("wait", i))]
+    assert n >= 2 and events == [("fetch", 0), *(step * 4)]
 
 
 @pytest.mark.skipif(
