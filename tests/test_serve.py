@@ -65,9 +65,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(*flags: str, max_length: int = 128) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "glm.serve", "--port", str(port), "--max-length", "128", *flags]
+    serve = [sys.executable, "-m", "glm.serve", "--port", str(port)]
+    command = [*serve, "--max-length", str(max_length), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -215,8 +216,9 @@ def test_malformed_json_wrong_key_and_unknown_model(server):
 
 @pytest.fixture(scope="module")
 def small_server():
-    """One row and a queue of one: the second waiting request is refused."""
-    process, url = start_server("--groups", "1", "--width", "1", "--max-queue", "1")
+    """One row and a queue of one: the second waiting request is refused. Rows long enough that a request
+    with ignore_eos runs far longer than any test waits for it (the bundled model's 1024)."""
+    process, url = start_server("--groups", "1", "--width", "1", "--max-queue", "1", max_length=1024)
     yield process, url
     stop_server(process)
 
@@ -232,15 +234,26 @@ def stream_lines(url: str, body: dict):
         connection.close()
 
 
+def wait_for_health(url: str, **expected: int) -> None:
+    """Poll /health until it shows `expected` (e.g. running=1, waiting=1)."""
+    deadline = time.monotonic() + 60
+    while True:
+        health = get(f"{url}/health").json()
+        if all(health[k] == v for k, v in expected.items()):
+            return
+        assert time.monotonic() < deadline, f"/health is {health}, not {expected}, after 60 s"
+        time.sleep(0.05)
+
+
 def test_queue_full_429_and_disconnect_frees_the_row(small_server):
     _, url = small_server
-    long = {"prompt": "Once upon a time", "max_tokens": 100, "seed": 1, "ignore_eos": True}
+    long = {"prompt": "Once upon a time", "max_tokens": 1000, "seed": 1, "ignore_eos": True}
     lines = stream_lines(url, long)
     first = next(line for line in lines if line.startswith("data: "))  # the row is taken
     assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post, f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})
-        time.sleep(1.0)  # it now waits in the queue
+        wait_for_health(url, running=1, waiting=1)  # it now waits in the queue
         refused = post(f"{url}/v1/completions", {"prompt": "b", "max_tokens": 2})
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
         lines.close()  # the client goes away mid-stream: its row is freed for the waiting request
@@ -251,8 +264,10 @@ def test_queue_full_429_and_disconnect_frees_the_row(small_server):
 
 def test_sigterm_finishes_the_request_in_flight(small_server):
     process, url = small_server
-    lines = stream_lines(url, {"prompt": "Once upon a time", "max_tokens": 24, "seed": 2, "ignore_eos": True})
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "seed": 2, "ignore_eos": True}
+    lines = stream_lines(url, body)
     next(line for line in lines if line.startswith("data: "))
+    wait_for_health(url, running=1)
     process.send_signal(signal.SIGTERM)
     rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
