@@ -44,7 +44,7 @@ import json, sys, time, torch
 torch.set_num_threads({threads})
 from glm.api import load
 from glm.decoding import generate
-from glm.strategies import BaseStrategy
+from glm.decoding.strategies import BaseStrategy
 model, tokenizer = load({checkpoint!r})
 context = tokenizer.tokenize("It is a truth universally acknowledged that a single man") + [
     tokenizer.get_command("[gMASK]"), tokenizer.sop_id]

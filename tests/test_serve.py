@@ -65,9 +65,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(*flags: str, max_length: int = 128) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "glm.serve", "--port", str(port), "--max-length", "128", *flags]
+    serve = [sys.executable, "-m", "glm.serve", "--port", str(port)]
+    command = [*serve, "--max-length", str(max_length), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -216,7 +217,7 @@ def test_malformed_json_wrong_key_and_unknown_model(server):
 @pytest.fixture(scope="module")
 def small_server():
     """One row and a queue of one: the second waiting request is refused."""
-    process, url = start_server("--groups", "1", "--width", "1", "--max-queue", "1", "--max-length", "1024")
+    process, url = start_server("--groups", "1", "--width", "1", "--max-queue", "1", max_length=1024)
     yield process, url
     stop_server(process)
 

@@ -19,7 +19,8 @@ import pytest
 from glm.api import load
 from glm.decoding.engine import Engine
 from glm.decoding.infill import prepare_query
-from glm.serve import Service, parse_params
+from glm.serve.protocol import parse_params
+from glm.serve.service import Service
 from tests.test_serve import MODEL, ROOT, free_port, get
 
 CASES = [

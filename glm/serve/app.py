@@ -1,0 +1,77 @@
+"""The HTTP routes: each parses its request (glm.serve.protocol) and hands it to the service."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from glm.serve.protocol import (
+    BadRequest,
+    Completion,
+    error_body,
+    fill_body,
+    models_body,
+    parse_body,
+    parse_fill,
+    parse_params,
+    parse_prompts,
+)
+from glm.serve.service import Service
+
+
+def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+    engine = service.engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:  # after uvicorn has let the in-flight requests finish
+            service.stop()
+
+    app = FastAPI(title="glm130b-py", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: HTTPRequest, error: BadRequest) -> JSONResponse:
+        return JSONResponse(error_body(error), status_code=error.status)
+
+    async def read_body(http: HTTPRequest) -> dict:
+        authorization = http.headers.get("authorization", "")
+        return parse_body(await http.body(), authorization, api_key, service.model_name)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return models_body(service.model_name)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(http: HTTPRequest) -> Any:
+        body = await read_body(http)
+        prompts = parse_prompts(body)
+        params = parse_params(body, engine.rows.width, engine.rows.max_length)
+        watch, requests = service.submit_completions(prompts, params)
+        completion = Completion(service.tokenizer, service.model_name, prompts, params, requests)
+        if not params["stream"]:
+            async for _ in service.wait(http.is_disconnected, watch, requests):
+                pass
+            return completion.body()
+        updates = service.wait(http.is_disconnected, watch, requests)
+        return StreamingResponse(completion.stream(updates), media_type="text/event-stream")
+
+    @app.post("/v1/fill")
+    async def fill(http: HTTPRequest) -> dict:
+        """Fill every blank of one prompt, left to right (each blank of `max_tokens` at most)."""
+        prompt, params = parse_fill(await read_body(http), engine.rows.width, engine.rows.max_length)
+        answer = await service.fill(prompt, params, http.is_disconnected)
+        return fill_body(service.tokenizer, service.model_name, answer)
+
+    return app
