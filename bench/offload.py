@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
     base = rss()
     if args.bits:
-        from quantization.transform import quantization_transform
+        from glm.quantize import quantization_transform
 
         model = quantization_transform(args.bits)(model)
     model = Offload(args.max_memory, "cpu", dtype, folder, buffers=args.buffers)(model)

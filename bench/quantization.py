@@ -29,7 +29,7 @@ from bench.machine import cpu_name
 from glm.config import get_preset
 from glm.loading import load_weights
 from glm.model import GLM
-from quantization import quantization_transform
+from glm.quantize import quantization_transform
 from quantization.cpu import native_kernels
 
 

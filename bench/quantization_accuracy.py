@@ -20,7 +20,7 @@ import torch
 from bench.machine import cpu_name
 from glm.api import DEFAULT_MODEL, load
 from glm.evaluate import REPO_ROOT, check_tasks
-from quantization import quantization_transform
+from glm.quantize import quantization_transform
 
 SETTINGS: dict[str, dict[str, Any] | None] = {
     "fp32": None,

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from bench.machine import cpu_name
 from glm.cpu_matmul import native as dense_native
-from glm.native import load_extension
 from quantization.cpu import CPUKernel, native_kernels
+from quantization.native import load_extension
 from quantization.schemes import scale_groups
 
 SHAPES = {  # glm-600m (out, in); the output layer is the tied 50048-word embedding

@@ -23,7 +23,7 @@ _CHILD = (
 from glm.config import get_preset
 from glm.loading import load_model
 from glm.model import GLM
-from quantization import quantization_transform
+from glm.quantize import quantization_transform
 with torch.device("meta"):  # torch's one-time set-up is not the load's
     GLM(get_preset("sat-tiny"))
 folder, settings = sys.argv[1], json.loads(sys.argv[2])

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from glm.cli.quantization import add_quantization_arguments, transform_from_args
 from glm.config import PRESETS, GLMConfig, get_preset
-from quantization.cli import add_quantization_arguments, transform_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -91,10 +91,12 @@ def load(
     (tensor parallel, quantization, offload); without any, a quantized checkpoint gets the quantization
     transform its metadata records.
     """
+    from glm.checkpoint import open_checkpoint
     from glm.loading import load_model
+    from glm.quantized_checkpoint import checkpoint_transform
     from glm.tokenizer import GLMTokenizer
-    from quantization.checkpoint import checkpoint_transform
 
+    checkpoint = open_checkpoint(checkpoint)  # read once, by the probe below and by the loader
     if not transforms:
         transforms = [t for t in [checkpoint_transform(checkpoint)] if t is not None]
 
@@ -200,6 +202,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     from glm import tensor_parallel
+    from glm.checkpoint import open_checkpoint
     from glm.distributed import compute_device, is_main
     from glm.loading import resolve_dtype
     from glm.offload import offload_from_args
@@ -209,11 +212,12 @@ def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     run = apply_run_config(args)  # flags left unset take the run config's values
     args.dtype, args.device = args.dtype or "auto", args.device or "auto"
     device = compute_device(resolve_device(args.device))  # `cuda`: this rank's GPU
-    quantize = transform_from_args(args, args.checkpoint)  # None: load the weights as they are
+    checkpoint = open_checkpoint(args.checkpoint)  # shared by the quantization probe and the loader
+    quantize = transform_from_args(args, checkpoint)  # None: load the weights as they are
     offload = offload_from_args(args, device, resolve_dtype(args.dtype, device))
     transforms = [t for t in (tensor_parallel.transform(), quantize, offload) if t is not None]
     model, tokenizer = load(
-        args.checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, transforms
+        checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, transforms
     )
     if is_main():  # which kernels this machine runs; the arithmetic is the same on every CPU
         print(describe_matmuls(model), file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import json
 import mmap
@@ -74,8 +75,9 @@ def read_tag(folder: Path) -> str:
     return tag
 
 
-def shard_paths(folder: Path) -> list[Path]:
-    """The rank files of a checkpoint, in rank order; checks none is missing."""
+def shard_paths(folder: Path, metadata: dict[str, Any] | None = None) -> list[Path]:
+    """The rank files of a checkpoint, in rank order; checks none is missing. `metadata`: the folder's
+    model_config.json when the caller has read it already."""
     iteration = folder / read_tag(folder)
     ranks = {}
     for path in iteration.iterdir():
@@ -85,7 +87,7 @@ def shard_paths(folder: Path) -> list[Path]:
     if not ranks:
         raise CheckpointError(f"{iteration} holds no mp_rank_XX_model_states.pt files")
     # The last rank's absence is only visible from the TP size recorded in model_config.json, if any.
-    meta = read_metadata(folder) or {}
+    meta = (metadata if metadata is not None else read_metadata(folder)) or {}
     size = max(max(ranks) + 1, meta.get("tensor_parallel_size") or 0)
     missing = [r for r in range(size) if r not in ranks]
     if missing:
@@ -157,9 +159,9 @@ class ShardedCheckpoint:
     of only the needed source slices otherwise. `bytes_read` counts the source bytes those slices span.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
-        self.paths = shard_paths(self.folder)
+        self.paths = shard_paths(self.folder, metadata)
         self.shards = [load_shard(p) for p in self.paths]
         # Zip-format files are memory-mapped by load_shard; legacy ones are read into (anonymous) memory,
         # whose pages must never be dropped.
@@ -208,6 +210,34 @@ class ShardedCheckpoint:
         for shard in self.shards:
             if shard[key].untyped_storage().data_ptr() != in_use:
                 _drop_pages(shard[key])
+
+
+class CheckpointFolder:
+    """A checkpoint folder opened once for one load and shared by every step of it (the quantization
+    probe, the loader): model_config.json is read at most once and the rank files are memory-mapped at most
+    once, each on first use, so errors come in the order the steps meet them. Prints as the path it was
+    given."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._given = str(folder)
+
+    def __str__(self) -> str:
+        return self._given
+
+    @functools.cached_property
+    def metadata(self) -> dict[str, Any] | None:
+        """model_config.json, or None where the folder has none (the original's checkpoints)."""
+        return read_metadata(self.folder)
+
+    @functools.cached_property
+    def shards(self) -> ShardedCheckpoint:
+        return ShardedCheckpoint(self.folder, self.metadata)
+
+
+def open_checkpoint(checkpoint: str | Path | CheckpointFolder) -> CheckpointFolder:
+    """`checkpoint` itself when it is already open, else the folder opened."""
+    return checkpoint if isinstance(checkpoint, CheckpointFolder) else CheckpointFolder(checkpoint)
 
 
 def load_state_dict(folder: str | Path) -> tuple[dict[str, Tensor], int]:

@@ -8,11 +8,15 @@
    slices; never a merge of the whole tensor), so a checkpoint saved with any tensor-parallel size loads at
    any other.
 4. Each slice goes to the module that owns it: `module.load_weight(name, tensor, dtype, device)` when the
-   module defines one (a quantized layer quantizes it there), otherwise it is cast, placed and assigned
+   module defines one (a quantized layer quantizes it there; a ValueError it raises becomes a
+   CheckpointError naming the folder), otherwise it is cast, placed and assigned
    (16-bit matrices stay 16-bit for an fp32 model on the CPU: `storage_dtype`).
    Then the source pages are dropped, so peak memory is the final model plus about one source tensor; a
    tensor already in the target dtype on the CPU is not copied at all and stays memory-mapped.
 5. `module.finish_loading()` runs on every module that defines it; any tensor still on meta is an error.
+
+The folder is opened once (glm.checkpoint.CheckpointFolder): its model_config.json and memory-mapped rank
+files are shared with whatever looked at it before the load (glm.load's quantization probe).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from glm import cpu_matmul
-from glm.checkpoint import CheckpointError, ShardedCheckpoint, read_metadata
+from glm.checkpoint import CheckpointError, CheckpointFolder, ShardedCheckpoint, open_checkpoint
 from glm.config import GLMConfig
 from glm.model import GLM, Linear
 from glm.sharding import ShardSpec
@@ -138,7 +142,12 @@ def finish_loading(model: GLM) -> None:
     for module in model.modules():
         finish = getattr(module, "finish_loading", None)
         if finish is not None:
-            finish()
+            try:
+                finish()
+            except CheckpointError:
+                raise
+            except ValueError as e:  # a module that is not glm's (quantization) reports a bad checkpoint
+                raise CheckpointError(str(e)) from None
 
 
 def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, device: torch.device) -> GLM:
@@ -149,7 +158,7 @@ def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, 
         tensor = checkpoint.read(key, shard.rank, shard.world_size)
         try:
             owner = hand_over(model, key, tensor, dtype, device)
-        except CheckpointError as e:
+        except ValueError as e:  # CheckpointError, or a load_weight hook's ValueError
             raise CheckpointError(f"{checkpoint.folder}: {e}") from None
         del tensor
         checkpoint.release(key, kept=getattr(owner, key.rpartition(".")[2], None))
@@ -162,7 +171,7 @@ def load_weights(model: GLM, checkpoint: ShardedCheckpoint, dtype: torch.dtype, 
 
 
 def load_model(
-    folder: str | Path,
+    folder: str | Path | CheckpointFolder,
     config: GLMConfig | None = None,
     tokenizer: GLMTokenizer | None = None,
     dtype: str | torch.dtype | None = None,
@@ -174,13 +183,15 @@ def load_model(
     `config` and `tokenizer` default to those stored in the folder's model_config.json (checkpoints this
     project writes); the original GLM-130B checkpoint has none, so pass the `glm-130b` preset and
     `GLMTokenizer.icetk()` for it. `transforms` are applied to the meta model before weights are read.
-    Returns the model in eval mode and the tokenizer (None if unknown).
+    Returns the model in eval mode and the tokenizer (None if unknown). `folder` may be one already opened
+    (`glm.checkpoint.open_checkpoint`), whose metadata and rank files are then not read again.
     """
-    folder = Path(folder)
+    source = open_checkpoint(folder)
+    folder = source.folder
     device = torch.device(device)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    meta = read_metadata(folder)
+    meta = source.metadata
     if config is None:
         if meta is None:
             raise CheckpointError(
@@ -190,7 +201,7 @@ def load_model(
     if tokenizer is None and meta is not None and "tokenizer" in meta:
         tokenizer = GLMTokenizer.from_config(meta["tokenizer"], folder)
     target_dtype = resolve_dtype(dtype, device)
-    checkpoint = ShardedCheckpoint(folder)
+    checkpoint = source.shards
 
     with torch.device("meta"):
         model = GLM(config)

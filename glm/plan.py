@@ -83,7 +83,7 @@ def run_transforms(tensor_parallel_size: int, bits: int | None) -> list[Transfor
 
     transforms = [shard]
     if bits is not None:
-        from quantization.transform import quantization_transform
+        from glm.quantize import quantization_transform
 
         transforms.append(quantization_transform(bits))
     return transforms

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from quantization.schemes import QuantizationSpec
+from quantization.spec import QuantizationSpec
 
 if TYPE_CHECKING:
     from glm.model import GLM

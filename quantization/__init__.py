@@ -1,32 +1,25 @@
-"""Weight-only INT8 / INT4 quantization of GLM-130B's block linears (the original's `quantization/`).
+"""Weight-only INT8 / INT4 quantization (the original's `quantization/`), a library that imports torch and
+nothing of glm: schemes and packing (spec.py, schemes.py), the quantized layers (layers.py), kernels (cpu.py
++ cpu_kernels.cpp, cuda.py) and the C++ extension loader both this package and glm use (native.py).
+
+glm plugs it in through its load pipeline's transform slot (glm/quantize.py; checkpoints:
+glm/quantized_checkpoint.py):
 
     from glm.loading import load_model
-    from quantization import quantization_transform
+    from glm.quantize import quantization_transform
     model, tokenizer = load_model(folder, transforms=[quantization_transform(4)])
-
-Schemes and checkpoint format: schemes.py; the transform: transform.py; layers: layers.py; kernels:
-cpu.py (+ cpu_kernels.cpp), cuda.py; quantized checkpoints and CLI flags: checkpoint.py, cli.py.
 """
 
 import importlib
 from typing import Any
 
-# Imported on first use (PEP 562), so `quantization.cli` (the command lines' flags) loads without torch.
+# Imported on first use (PEP 562), so `quantization.spec` (the command lines' choices) loads without torch.
 _EXPORTS = {
-    "ConversionPlan": "quantization.checkpoint",
-    "checkpoint_transform": "quantization.checkpoint",
-    "quantization_metadata": "quantization.checkpoint",
-    "quantize_checkpoint_tensor": "quantization.checkpoint",
-    "spec_from_metadata": "quantization.checkpoint",
-    "add_quantization_arguments": "quantization.cli",
-    "transform_from_args": "quantization.cli",
     "QuantizedLinear": "quantization.layers",
     "QuantizedOutputLayer": "quantization.layers",
-    "QuantizationSpec": "quantization.schemes",
     "dequantize": "quantization.schemes",
     "quantize_weight": "quantization.schemes",
-    "quantization_transform": "quantization.transform",
-    "quantize": "quantization.transform",
+    "QuantizationSpec": "quantization.spec",
 }
 __all__ = sorted(_EXPORTS)
 

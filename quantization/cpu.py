@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glm.native import load_extension
+from quantization.native import load_extension
 from quantization.schemes import dequantize, scale_groups, unpacked_values
 
 # Rows up to which the decode kernel beats dequantise + dense matmul (bench/quantization_kernels.py).

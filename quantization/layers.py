@@ -1,4 +1,10 @@
-"""The quantized linear layer and the optional INT8 output layer that the quantize transform swaps in."""
+"""The quantized linear layer and the optional INT8 output layer that the quantize transform swaps in.
+
+Plain nn.Modules that fit any model whose linear layers follow the same small protocol (glm's do):
+`reduce`, when set on the layer replaced (a row-parallel layer under tensor parallelism), sums the partial
+products across ranks before the bias is added; `load_weight(name, tensor, dtype, device)` and
+`finish_loading()` are the loader's hooks. A checkpoint tensor that does not fit is a ValueError.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from glm.checkpoint import CheckpointError
-from glm.model import Linear, OutputLayer
 from quantization.cpu import CPUKernel, native_kernels
 from quantization.cuda import CUDAKernel
-from quantization.schemes import QuantizationSpec, quantize_to_stored, scale_groups
+from quantization.schemes import quantize_to_stored, scale_groups
+from quantization.spec import QuantizationSpec
 
 Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -20,9 +25,9 @@ def make_kernel(bits: int, device: torch.device) -> Kernel:
     return CUDAKernel(bits) if device.type == "cuda" else CPUKernel(bits)
 
 
-class QuantizedLinear(Linear):
-    """A Linear whose weight is stored quantized: buffers `weight` (int8 [out, in], or [out, in / 2] packed
-    INT4) and `weight_scale` (fp16 [out] or [out, groups]); the bias stays a float parameter.
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored quantized: buffers `weight` (int8 [out, in], or [out, in / 2]
+    packed INT4) and `weight_scale` (fp16 [out] or [out, groups]); the bias stays a float parameter.
 
     `load_weight` takes either a float `weight`, quantized on arrival (quantize while loading), or a
     quantized checkpoint's `weight` and `weight_scale` (any group count that divides the input columns, so
@@ -32,11 +37,11 @@ class QuantizedLinear(Linear):
     def __init__(
         self, linear: nn.Linear, spec: QuantizationSpec, from_quantized_checkpoint: bool = False
     ) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.spec = spec
         self.from_quantized_checkpoint = from_quantized_checkpoint
-        self.reduce = linear.reduce if isinstance(linear, Linear) else None
+        self.reduce: Callable[[Tensor], Tensor] | None = getattr(linear, "reduce", None)
         device = linear.weight.device
         columns = spec.packed_columns(self.in_features)
         groups = spec.groups(self.in_features)
@@ -54,6 +59,11 @@ class QuantizedLinear(Linear):
         cls, parent: nn.Module, name: str, spec: QuantizationSpec, from_quantized_checkpoint: bool
     ) -> None:
         setattr(parent, name, cls(getattr(parent, name), spec, from_quantized_checkpoint))
+
+    def set_kernel(self, kernel: Kernel) -> None:
+        """Use `kernel(x, weight, weight_scale)` for the matmul instead of the one chosen for the device
+        (until the next `load_weight`, which chooses again)."""
+        self._kernel = kernel
 
     def extra_repr(self) -> str:
         groups = scale_groups(self.weight_scale).shape[1]
@@ -73,17 +83,17 @@ class QuantizedLinear(Linear):
         elif name == "weight_scale":
             self._load_scale(tensor, device)
         else:
-            raise CheckpointError(f"{self._where()}: unexpected tensor '{name}'")
+            raise ValueError(f"{self._where()}: unexpected tensor '{name}'")
         self._kernel = None
 
     def _load_float_weight(self, tensor: Tensor, device: torch.device) -> None:
         if self.from_quantized_checkpoint:
-            raise CheckpointError(
+            raise ValueError(
                 f"{self._where()}: the checkpoint holds float weights, not quantized ones: drop "
                 "--from-quantized-checkpoint (float weights are quantized while loading)"
             )
         if tensor.shape != (self.out_features, self.in_features):
-            raise CheckpointError(
+            raise ValueError(
                 f"{self._where()}: checkpoint weight has shape {tuple(tensor.shape)} (wrong config, or a "
                 "shard of another tensor-parallel size?)"
             )
@@ -93,7 +103,7 @@ class QuantizedLinear(Linear):
 
     def _load_quantized_weight(self, tensor: Tensor, device: torch.device) -> None:
         if tensor.dtype != torch.int8:
-            raise CheckpointError(f"{self._where()}: weight of dtype {tensor.dtype}; expected int8 or float")
+            raise ValueError(f"{self._where()}: weight of dtype {tensor.dtype}; expected int8 or float")
         if tensor.shape != self.weight.shape:
             other = {self.in_features: 8, self.in_features // 2: 4}.get(tensor.shape[-1])
             hint = (
@@ -101,7 +111,7 @@ class QuantizedLinear(Linear):
                 if other and other != self.spec.bits and tensor.shape[0] == self.out_features
                 else " (wrong config, or a shard of another tensor-parallel size?)"
             )
-            raise CheckpointError(
+            raise ValueError(
                 f"{self._where()}: quantized weight has shape {tuple(tensor.shape)}, "
                 f"INT{self.spec.bits} needs {tuple(self.weight.shape)}{hint}"
             )
@@ -113,7 +123,7 @@ class QuantizedLinear(Linear):
         count = groups.shape[1] if groups.dim() == 2 else 0
         width = self.in_features // count if count and self.in_features % count == 0 else 0
         if groups.shape[0] != self.out_features or not width or (self.spec.bits == 4 and width % 2):
-            raise CheckpointError(
+            raise ValueError(
                 f"{self._where()}: weight_scale of shape {tuple(tensor.shape)} does not fit the weight"
             )
         scale = tensor.squeeze(1) if tensor.dim() == 2 and count == 1 else tensor
@@ -123,37 +133,39 @@ class QuantizedLinear(Linear):
         if self.weight.is_meta:
             return  # the loader reports what is missing
         if self.weight_scale.is_meta:
-            raise CheckpointError(
+            raise ValueError(
                 f"{self._where()}: the checkpoint has int8 weights but no weight_scale: it is incomplete, or "
                 "was written by a tool that drops the scales; re-convert it from the float checkpoint"
             )
         if self._quantized_here and self.from_quantized_checkpoint:
-            raise CheckpointError(f"{self._where()}: float weights in a checkpoint loaded as quantized")
+            raise ValueError(f"{self._where()}: float weights in a checkpoint loaded as quantized")
         if self.weight.device.type == "cpu":
             native_kernels()  # built while loading (the first time: about a minute), not in the first request
 
-    def set_kernel(self, kernel: Kernel) -> None:
-        """Compute with `kernel(x, weight, weight_scale)` instead of the device's own, until the next
-        `load_weight` (e.g. a stand-in of equal memory that runs on meta tensors)."""
-        self._kernel = kernel
-
-    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self._kernel is None:
             self._kernel = make_kernel(self.spec.bits, self.weight.device)
         y = self._kernel(x, self.weight, self.weight_scale)
-        return y if bias is None else y + bias
+        if self.reduce is not None:
+            y = self.reduce(y)  # the bias is added once, after the sum over ranks
+        return y if self.bias is None else y + self.bias
 
 
-class QuantizedOutputLayer(OutputLayer):
-    """The tied output layer with its own INT8 per-row copy of the word embeddings, made once the
-    embeddings are loaded (input embeddings stay full precision). Adds no state-dict keys."""
+class QuantizedOutputLayer(nn.Module):
+    """An output layer tied to `embedding` (logits = x embedding.weight^T) through its own INT8 per-row
+    copy of the embedding's weight, made once that weight is loaded (input lookups stay full precision).
+    Adds no state-dict keys. `gather`, when given, assembles the logits of a vocabulary-parallel shard."""
 
-    def __init__(self, output_layer: OutputLayer) -> None:
-        nn.Module.__init__(self)
-        self._tied = output_layer._tied
-        self.gather = output_layer.gather
+    def __init__(self, embedding: nn.Module, gather: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        self._tied = [embedding]  # a list, so the embedding is not registered twice
+        self.gather = gather
         self.spec = QuantizationSpec(8)
         self._kernel: Kernel | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self._tied[0].weight
 
     def finish_loading(self) -> None:
         weight, scale = quantize_to_stored(self.weight.detach(), self.spec)

@@ -204,7 +204,8 @@ def test_output_files_get_the_umask_mode(sat_tiny, tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_conversion_loads_without_flags_as_quantize_while_loading(reference, tmp_path, bits):
-    from quantization import checkpoint_transform, quantization_transform
+    from glm.quantize import quantization_transform
+    from glm.quantized_checkpoint import checkpoint_transform
 
     source = SAT_TINY / "ckpt"
     out = tmp_path / f"int{bits}"

@@ -77,7 +77,7 @@ def test_the_custom_op_for_torch_compile_passes_torch_opcheck():
 
 
 def test_the_isa_override_forces_a_path_or_names_what_is_supported(monkeypatch):
-    from glm import native as build
+    from quantization import native as build
 
     monkeypatch.setenv("GLM_NATIVE_ISA", "none")
     assert build.selected_isa() is None

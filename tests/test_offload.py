@@ -302,7 +302,7 @@ def test_resident_memory_stays_under_the_budget(memory_checkpoint):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_streams_the_quantization_transforms_packed_layers(checkpoint, bits):
-    from quantization.transform import quantization_transform
+    from glm.quantize import quantization_transform
 
     quantize_real = quantization_transform(bits)
     reference, _ = load_model(checkpoint, dtype="float32", transforms=[quantization_transform(bits)])

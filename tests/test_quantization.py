@@ -22,16 +22,15 @@ from glm.checkpoint import (
 from glm.config import get_preset
 from glm.loading import load_model
 from glm.model import GLM
-from glm.sharding import merge_tensors, split_tensor
-from quantization import (
+from glm.quantize import quantization_transform
+from glm.quantized_checkpoint import (
     ConversionPlan,
-    QuantizationSpec,
-    QuantizedLinear,
     checkpoint_transform,
     quantization_metadata,
-    quantization_transform,
     quantize_checkpoint_tensor,
 )
+from glm.sharding import merge_tensors, split_tensor
+from quantization import QuantizationSpec, QuantizedLinear
 from quantization.cpu import CPUKernel, native_kernels
 from quantization.schemes import dequantize, pack_int4, quantize_weight, unpack_int4
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantization.cli import DEFAULT_GROUP_SIZE, SCHEMES
+from quantization.spec import DEFAULT_GROUP_SIZE, SCHEMES
 
 if TYPE_CHECKING:  # torch is imported only after the arguments are parsed, so --help is instant
     from glm.config import GLMConfig
@@ -50,8 +50,8 @@ def convert(
     )
     from glm.config import GLMConfig
     from glm.loading import check_keys
+    from glm.quantized_checkpoint import ConversionPlan, has_scales
     from glm.tokenizer import GLMTokenizer
-    from quantization.checkpoint import ConversionPlan, has_scales
 
     meta = read_metadata(input_folder) or {}
     if config is None:

@@ -1,5 +1,5 @@
 """Quantized checkpoints: their metadata, quantizing checkpoint tensors (tools/convert_tp.py), and the
-transform that loading a checkpoint needs.
+transform that loading a checkpoint needs (glm.load, the command lines).
 
 A quantized checkpoint keeps the original layout and keys (`<linear>.weight` int8, `<linear>.weight_scale`
 fp16) and records in model_config.json
@@ -9,7 +9,10 @@ fp16) and records in model_config.json
                      "quantized_at_tensor_parallel_size": 8}
 
 so it loads with no flags. The original's quantized checkpoints have no model_config.json: they load with
-`--quantization-bit-width N --from-quantized-checkpoint`, as in the original.
+`--quantization-bit-width N --from-quantized-checkpoint`, as in the original. What a checkpoint holds is
+read from its metadata; only a checkpoint whose metadata records no bit width is looked at for
+`weight_scale` keys, in the memory-mapped rank files the load then reads its weights from (one
+CheckpointFolder, opened once).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 
 from torch import Tensor
 
-from glm.checkpoint import CheckpointError, ShardedCheckpoint, read_metadata
-from quantization.schemes import QuantizationSpec, quantize_to_stored
-from quantization.transform import QUANTIZED_LINEARS, quantization_transform
+from glm.checkpoint import CheckpointError, CheckpointFolder, ShardedCheckpoint, open_checkpoint
+from glm.loading import Transform
+from glm.quantize import QUANTIZED_LINEARS, quantization_transform
+from quantization.schemes import quantize_to_stored
+from quantization.spec import QuantizationSpec
 
 FORMAT_VERSION = 1
 _WEIGHT_SUFFIXES = tuple(f"{parent}.{name}.weight" for parent, name in QUANTIZED_LINEARS)
@@ -128,21 +133,24 @@ class ConversionPlan:
 
 
 def has_scales(checkpoint: ShardedCheckpoint) -> bool:
+    """Whether the checkpoint holds quantized weights (their `weight_scale` keys)."""
     return any(key.endswith(".weight_scale") for key in checkpoint.keys)
 
 
 def checkpoint_transform(
-    folder: str | Path,
+    checkpoint: str | Path | CheckpointFolder,
     bits: int | None = None,
     scheme: str = "row",
     group_size: int | None = None,
     from_quantized_checkpoint: bool = False,
     output_layer: bool = False,
-):
-    """The quantize transform loading `folder` needs (None: load it as it is), from its metadata and the
-    CLI's --quantization-* flags; the original's confusions are one-line errors naming the fix."""
-    folder = Path(folder)
-    stored = spec_from_metadata(read_metadata(folder), str(folder / "model_config.json"))
+) -> Transform | None:
+    """The quantize transform loading `checkpoint` needs (None: load it as it is), from its metadata and
+    the CLI's --quantization-* flags; the original's confusions are one-line errors naming the fix. Pass
+    the CheckpointFolder the load will read, so that the checkpoint is opened once."""
+    source = open_checkpoint(checkpoint)
+    folder = source.folder
+    stored = spec_from_metadata(source.metadata, str(folder / "model_config.json"))
     if stored is not None:
         if bits is not None and bits != stored.bits:
             raise CheckpointError(
@@ -152,7 +160,7 @@ def checkpoint_transform(
         return quantization_transform(
             stored.bits, stored.scheme, stored.group_size, output_layer, from_quantized_checkpoint=True
         )
-    quantized = has_scales(ShardedCheckpoint(folder))
+    quantized = has_scales(source.shards)
     if quantized and bits is None:
         raise CheckpointError(
             f"{folder} holds quantized weights (weight_scale keys) but records no bit width: pass "

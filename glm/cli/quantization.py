@@ -1,16 +1,21 @@
-"""The quantization flags of the command lines (the original's two, plus the scheme and output layer)."""
+"""The quantization flags of the command lines (the original's two, plus the scheme and output layer), and
+the transform they ask for. Importing this module does not import torch (parsers are built from it)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-# Here, not in schemes.py, so that building a parser does not import torch (schemes.py imports these).
-SCHEMES = ("row", "group")
-DEFAULT_GROUP_SIZE = 128
+from quantization.spec import DEFAULT_GROUP_SIZE, SCHEMES
+
+if TYPE_CHECKING:
+    from glm.checkpoint import CheckpointFolder
+    from glm.loading import Transform
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --quantization-* flags; `transform_from_args` reads them."""
     group = parser.add_argument_group("quantization")
     group.add_argument(
         "--quantization-bit-width",
@@ -43,9 +48,11 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def transform_from_args(args: argparse.Namespace, checkpoint: str | Path):
+def transform_from_args(
+    args: argparse.Namespace, checkpoint: str | Path | CheckpointFolder
+) -> Transform | None:
     """The quantize transform (or None) for loading `checkpoint` with these flags."""
-    from quantization.checkpoint import checkpoint_transform
+    from glm.quantized_checkpoint import checkpoint_transform
 
     if args.quantization_group_size is not None and args.quantization_scheme != "group":
         raise ValueError("--quantization-group-size needs --quantization-scheme group")
