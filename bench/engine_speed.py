@@ -34,10 +34,10 @@ from bench.machine import cpu_name
 from glm.config import get_preset
 from glm.decoding import generate
 from glm.decoding.engine import Engine
-from glm.decoding.query import context_inputs
 from glm.decoding.requests import Request
 from glm.decoding.rows import Rows
 from glm.decoding.strategies import BaseStrategy
+from glm.query import context_inputs
 
 BUNDLED_PROBE = """
 import json, sys, time, torch

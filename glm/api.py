@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from glm.cli.quantization import add_quantization_arguments, transform_from_args
 from glm.config import PRESETS, GLMConfig, get_preset
+from glm.run_config import DEFAULT_MODEL, RunConfig, apply_run_config
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +22,7 @@ if TYPE_CHECKING:
     from glm.model import GLM
     from glm.tokenizer import GLMTokenizer
 
-# The model `scripts/generate.sh` runs when no checkpoint is given.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "glm-bilingual"
+__all__ = ["DEFAULT_MODEL", "load", "load_from_args", "resolve_config", "resolve_device", "run_cli"]
 
 
 def resolve_config(config: str | Path | GLMConfig | None) -> GLMConfig | None:
@@ -122,94 +121,17 @@ def load(
     return model, tok
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every flag's default, unless its help already says it in words."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.help and "(default" in action.help:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser that shows every default in --help and whose errors are one line:
-    `error: ... (see PROG --help)`, exit status 2."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags every command line shares; `load_from_args` reads them."""
-    model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", default=str(DEFAULT_MODEL), help="checkpoint folder (original layout)")
-    model.add_argument(
-        "--config",
-        help="run config: a preset of configs/ (glm-130b, glm-130b-int4, ...) or a YAML file, whose keys "
-        "are defaults for these flags; or a model-shape JSON file or preset",
-    )
-    model.add_argument(
-        "--tokenizer",
-        help="sentencepiece model file; with --tokenizer-type icetk, the path of ice_text.model "
-        "(default: the checkpoint's)",
-    )
-    model.add_argument(
-        "--tokenizer-type",
-        choices=["icetk", "sentencepiece"],
-        help="icetk: GLM-130B's (ice_text.model, looked for in ~/.icetk_models) (default: the checkpoint's)",
-    )
-    model.add_argument(
-        "--dtype", help="auto (float32 on CPU, float16 on GPU), float32, bfloat16 or float16 (default: auto)"
-    )
-    model.add_argument(
-        "--device", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default: auto)"
-    )
-    # glm.distributed's flags (`distributed.session` reads them).
-    parallel = parser.add_argument_group(
-        "parallelism (launch with torchrun or deepspeed; README: Tensor parallelism and multi-node)"
-    )
-    parallel.add_argument(
-        "--tensor-parallel-size",
-        "--model-parallel-size",
-        dest="tensor_parallel_size",
-        type=int,
-        help="processes sharing one model, each holding 1/N of every layer "
-        "(default: the world size / the data-parallel size)",
-    )
-    parallel.add_argument(
-        "--distributed-timeout",
-        type=float,
-        default=600.0,
-        help="seconds a rank waits for the others inside the model before the job stops with an error",
-    )
-    add_quantization_arguments(parser)
-    # glm.offload's flags (`offload_from_args` reads them), defined here so parsing needs no torch.
-    group = parser.add_argument_group("weight offload")
-    group.add_argument(
-        "--max-memory",
-        help="weights the device may hold (per tensor-parallel rank), e.g. 22GiB or 25%% of the model; "
-        "the rest streams from CPU memory (GPU) or from disk (CPU) (default: everything resident)",
-    )
-    group.add_argument(
-        "--offload-folder",
-        help="folder for the streamed weights on a CPU-only machine (default: a temporary folder)",
-    )
-
-
 def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
+    """The model and tokenizer a command line's flags (glm.cli.common.add_model_arguments) ask for."""
     from glm import tensor_parallel
     from glm.checkpoint import open_checkpoint
     from glm.distributed import compute_device, is_main
     from glm.loading import resolve_dtype
     from glm.offload import offload_from_args
     from glm.precision import describe_matmuls
-    from glm.run_config import apply_run_config
+    from glm.quantized_checkpoint import transform_from_args
 
-    run = apply_run_config(args)  # flags left unset take the run config's values
+    run = run_config_of(args)
     args.dtype, args.device = args.dtype or "auto", args.device or "auto"
     device = compute_device(resolve_device(args.device))  # `cuda`: this rank's GPU
     checkpoint = open_checkpoint(args.checkpoint)  # shared by the quantization probe and the loader
@@ -224,14 +146,20 @@ def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     return model, tokenizer
 
 
+def run_config_of(args: argparse.Namespace) -> RunConfig:
+    """The run config `run_cli` applied to `args`; applied here (once) for callers that parse flags
+    themselves."""
+    run = getattr(args, "run_config", None)
+    return run if isinstance(run, RunConfig) else apply_run_config(args)
+
+
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
     """Run a command line's main: a user error (a ValueError, as CheckpointError is, or an OSError) becomes
     one `error: ...` line and exit status 2; Ctrl-C exits with 130."""
     from glm import distributed  # torch; after parsing
-    from glm.run_config import apply_run_config
 
     try:
-        # Before the process group starts, so a run config's tensor_parallel_size reaches it.
+        # Once, before the process group starts, so a run config's tensor_parallel_size reaches it.
         if hasattr(args, "checkpoint"):
             apply_run_config(args)
         with distributed.session(args):  # a process group under torchrun / deepspeed

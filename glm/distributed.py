@@ -208,9 +208,6 @@ def session(args: argparse.Namespace) -> Iterator[Parallel]:
     A lost rank (it exited, or hung past the timeout) is one clear error and exit status 1 here, never a
     hang; the launcher then stops the remaining ranks.
     """
-    from glm.run_config import apply_run_config
-
-    apply_run_config(args)  # a run config may name the tensor-parallel size
     parallel = initialize(
         getattr(args, "tensor_parallel_size", None),
         getattr(args, "data_parallel_size", 1),  # only the evaluator spreads samples over replicas

@@ -2,7 +2,7 @@
 
 A sample is a context part A (the text with its blanks replaced by mask tokens, bidirectional) followed by
 one block per blank, `sop` + the blank's tokens, predicting the blank and then `eop`. Each block sees all of
-A and itself causally (the mask of glm/decoding/query.py), and takes the positions generation gives it: its
+A and itself causally (the mask of glm/query.py), and takes the positions generation gives it: its
 mask's position for `[MASK]`, positions continuing after A for `[gMASK]`. So the first blank of every sample
 is laid out exactly as generation lays it out, and the model learns what inference asks of it.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glm.decoding import query
+from glm import query
 
 IGNORE = -100  # label of positions without a loss
 

@@ -17,7 +17,6 @@ quantization, then offload), so the numbers follow the code rather than a formul
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm.checkpoint import read_metadata
+from glm.cli.plan import build_parser
 from glm.config import GLMConfig
 from glm.loading import resolve_dtype
 from glm.model import GLM, KVCache
@@ -351,21 +351,7 @@ def format_hardware_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m glm.plan`: 0 when the run fits, 1 when it does not, 2 for a bad argument."""
-    parser = argparse.ArgumentParser(
-        prog="plan", description="Per-rank memory of a run, and whether it fits."
-    )
-    parser.add_argument("--config", default="glm-130b", help="run config preset or file (configs/)")
-    parser.add_argument("--tensor-parallel-size", type=int, help="default: the config's, else 1")
-    parser.add_argument("--quantization-bit-width", type=int, choices=[4, 8], help="default: the config's")
-    parser.add_argument("--dtype", help="default: the config's, else auto for the device type")
-    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu"], help="default: the config's")
-    parser.add_argument("--device-memory", help="memory per device, e.g. 24GiB: say whether it fits")
-    parser.add_argument("--max-memory", help="offload budget per device (weights), e.g. 20GiB or 50%%")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--max-length", type=int, help="tokens per sequence (default: the model's maximum)")
-    parser.add_argument("--hardware-table", action="store_true", help="plan the original README's table")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         run = load_run_config(args.config)
         config = run.model

@@ -17,6 +17,7 @@ CheckpointFolder, opened once).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,19 @@ def checkpoint_transform(
             raise CheckpointError("--quantize-output-layer needs --quantization-bit-width 4 or 8")
         return None
     return quantization_transform(bits, scheme, group_size, output_layer, quantized)
+
+
+def transform_from_args(
+    args: argparse.Namespace, checkpoint: str | Path | CheckpointFolder
+) -> Transform | None:
+    """The quantize transform (or None) for loading `checkpoint` with these flags."""
+    if args.quantization_group_size is not None and args.quantization_scheme != "group":
+        raise ValueError("--quantization-group-size needs --quantization-scheme group")
+    return checkpoint_transform(
+        checkpoint,
+        args.quantization_bit_width,
+        args.quantization_scheme,
+        args.quantization_group_size,
+        args.from_quantized_checkpoint,
+        args.quantize_output_layer,
+    )

@@ -28,6 +28,8 @@ import yaml
 from glm.config import PRESETS, GLMConfig, get_preset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# The model `scripts/generate.sh` runs when no checkpoint is given.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "glm-bilingual"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +89,7 @@ def parse_run_config(values: dict[str, Any], source: str, base: Path | None = No
     if fields.get("quantization_bit_width") not in (None, 4, 8):
         raise ValueError(f"{source}: quantization_bit_width must be 4 or 8 (or absent for none)")
     if fields.get("max_memory") is not None:
-        from glm.offload.sizes import parse_memory
+        from glm.sizes import parse_memory
 
         fields["max_memory"] = str(fields["max_memory"])
         parse_memory(fields["max_memory"], 1)
@@ -131,9 +133,8 @@ def _read_yaml(path: Path) -> RunConfig:
 
 
 def apply_run_config(args: argparse.Namespace) -> RunConfig:
-    """Fill every flag the user left unset (None) from `args.config`; returns the resolved run config."""
-    from glm.api import DEFAULT_MODEL
-
+    """Fill every flag the user left unset (None) from `args.config`, and keep the resolved run config as
+    `args.run_config` (the loader reads it there instead of applying it again)."""
     run = load_run_config(getattr(args, "config", None))
     for key in _FIELDS:
         if key != "model" and hasattr(args, key) and getattr(args, key) is None:
@@ -141,6 +142,7 @@ def apply_run_config(args: argparse.Namespace) -> RunConfig:
     # --checkpoint defaults to the bundled model rather than None: left at that default, the config's wins.
     if run.checkpoint is not None and getattr(args, "checkpoint", None) == str(DEFAULT_MODEL):
         args.checkpoint = run.checkpoint
+    args.run_config = run
     return run
 
 

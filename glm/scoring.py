@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from glm.decoding import query
-from glm.decoding.query import PAD_TOKEN
+from glm import query
 from glm.model import GLM
+from glm.query import PAD_TOKEN
 
 
 @dataclass(frozen=True)

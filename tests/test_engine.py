@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from glm.decoding.engine import Engine
-from glm.decoding.query import build_inputs
 from glm.decoding.requests import Penalties, QueueFull, Request
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
+from glm.query import build_inputs
 
 END = 601
 CONTEXTS = [[20, 30, 40, 50, 600], [7, 8, 9, 10, 11, 12, 13, 600], [3, 600]]

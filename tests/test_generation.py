@@ -10,8 +10,8 @@ from glm.api import load
 from glm.decoding import generate
 from glm.decoding.infill import GenerationStats, fill_blanks, prepare_query
 from glm.decoding.options import GenerationOptions
-from glm.decoding.query import build_inputs
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
+from glm.query import build_inputs
 from glm.tokenizer import GLMTokenizer
 
 

@@ -7,7 +7,6 @@ import itertools
 import torch
 from tolerance import assert_model_close
 
-from glm.decoding.query import build_inputs
 from glm.objective import (
     IGNORE,
     SpecialIds,
@@ -18,6 +17,7 @@ from glm.objective import (
     mask_sample,
     poisson_spans,
 )
+from glm.query import build_inputs
 
 IDS = SpecialIds(mask=90, gmask=91, sop=94, eop=95, eos=2, pad=0)
 TEXT = list(range(10, 30))

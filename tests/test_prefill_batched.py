@@ -11,11 +11,11 @@ from tolerance import assert_model_close
 from glm.api import load
 from glm.decoding import generate
 from glm.decoding.engine import Engine
-from glm.decoding.query import context_inputs
 from glm.decoding.requests import Request
 from glm.decoding.rows import Prompt, Rows, prefill_batches
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.model import KVCache
+from glm.query import context_inputs
 
 END = 601
 # (prompt, mask position, unidirectional): different lengths, [gMASK] and [MASK] layouts, causal contexts

@@ -3,12 +3,14 @@
 - options.py     the generation options and their checks (no torch: the CLI parses before loading it)
 - strategies.py  sampling and beam search
 - factory.py     `make_strategy` (every front end's one way to a strategy) and the banned tokens
-- query.py       a query's ids, positions and attention mask
 - rows.py        the engine's KV cache of rows: prefill and decode_one_token
 - requests.py    requests, outputs, penalties and log-probs
 - engine.py      continuous batching of requests
 - batch.py       `generate`: a batch of contexts under one strategy, one engine request
 - infill.py      blank filling of text (`fill_blanks`)
+
+A query's ids, positions and attention mask are laid out by glm/query.py, below this package (training
+and scoring use the same layout).
 
 The names below are imported on first use (PEP 562), so importing `glm.decoding.options` does not import
 torch.

@@ -1,6 +1,6 @@
 """`generate`: a batch of contexts decoded under one strategy, as one request of the engine.
 
-The inputs follow GLM-130B's blank infilling (glm.decoding.query). Every sample gets its own positions and
+The inputs follow GLM-130B's blank infilling (glm.query). Every sample gets its own positions and
 mask, so a batch gives each sample the logits it would get alone; the strategy is told each sample's own
 context length, so its choices (beam search's length penalty and n-gram bans) do not depend on the padding
 either.

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glm.decoding.query import PAD_TOKEN, context_inputs, generated_position
 from glm.decoding.requests import Output, QueueFull, Request, TokenLogprobs, strategy_of
 from glm.decoding.rows import MAX_PREFILL_TOKENS, Prompt, Rows
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.distributed import synchronized
 from glm.model import GLM
+from glm.query import PAD_TOKEN, context_inputs, generated_position
 
 
 class Engine:

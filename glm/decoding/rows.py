@@ -32,7 +32,7 @@ MAX_PREFILL_TOKENS = 4096  # padded tokens (batch x longest prompt) per prefill 
 
 class Prompt(NamedTuple):
     """A prompt to prefill into `row` of `group`: ids [n], positions [n] and bool mask [n, n] (True =
-    masked), as `glm.decoding.query.context_inputs` gives them."""
+    masked), as `glm.query.context_inputs` gives them."""
 
     group: int
     row: int

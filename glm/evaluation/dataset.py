@@ -20,10 +20,10 @@ from typing import Any
 from torch import Tensor
 
 from glm.decoding.batch import generate
-from glm.decoding.query import context_inputs, generated_position
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.evaluation.metrics import count_original_tokens
 from glm.model import GLM
+from glm.query import context_inputs, generated_position
 from glm.scoring import PackedRow, choice_row
 from glm.tokenizer import GLMTokenizer
 

@@ -18,9 +18,9 @@ The budget (`--max-memory`) counts weights only: the resident ones plus the buff
 activations come on top (`python -m glm.plan` adds them up). Outputs are bit-identical to a run without
 offload: the same bytes reach the same kernels.
 
-Files: sizes.py (`parse_memory`, `format_bytes`; no torch), planner.py (`plan_offload`, `OffloadPlan`),
+Files: planner.py (`plan_offload`, `OffloadPlan`),
 stores.py (`DiskStore`, `PinnedStore`), streamer.py (`WeightStreamer`), transform.py (`Offload`,
-`offload_from_args`). The names below are imported on first use (PEP 562), so the torch-free ones do not
+`offload_from_args`); the sizes of the flags are glm/sizes.py (no torch). The names below are imported on first use (PEP 562), so the torch-free ones do not
 import torch.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from glm.offload.sizes import format_bytes, parse_memory
+from glm.sizes import format_bytes, parse_memory
 
 if TYPE_CHECKING:
     from glm.offload.planner import OffloadError, OffloadPlan, plan_offload, tensor_bytes

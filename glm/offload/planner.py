@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from glm.offload.sizes import format_bytes, parse_memory
+from glm.sizes import format_bytes, parse_memory
 
 # The blocks' submodules that are streamed, each a unit of its own, in forward order.
 STREAMED_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")

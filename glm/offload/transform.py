@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from glm.offload.planner import DEFAULT_BUFFERS, OffloadError, plan_offload
-from glm.offload.sizes import parse_memory
 from glm.offload.stores import DiskStore, PinnedStore, keep_large_allocations_returnable
 from glm.offload.streamer import WeightStreamer
+from glm.sizes import parse_memory
 
 
 class Offload:
@@ -48,7 +48,7 @@ class Offload:
 
 
 def offload_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Offload:
-    """The transform for `--max-memory` and `--offload-folder` (defined in glm.api.add_model_arguments)."""
+    """The transform for `--max-memory` and `--offload-folder` (flags of glm.cli.common)."""
     max_memory = getattr(args, "max_memory", None)
     if max_memory is not None:
         parse_memory(max_memory, 1)  # reject a malformed size before anything loads

@@ -7,7 +7,7 @@ Every decode step batches all running requests (continuous batching: a request j
 leaves when done). A full queue answers 429, a bad request 400 naming the field, a missing or wrong key 401
 (with --api-key); a client that disconnects frees its rows; SIGTERM lets in-flight requests finish.
 
-- parser.py    the command line (no torch)
+- glm/cli/serve.py  the command line (no torch)
 - protocol.py  request bodies parsed and checked, error bodies, completion and fill responses
 - service.py   the engine on its own thread; HTTP requests turned into engine requests
 - app.py       the FastAPI routes
@@ -21,7 +21,7 @@ import argparse
 import os
 
 from glm.api import load_from_args, run_cli
-from glm.serve.parser import build_parser
+from glm.cli.serve import build_parser
 
 __all__ = ["build_parser", "cli", "main"]
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from glm.decoding.requests import Output, Request
     from glm.decoding.infill import Answer
+    from glm.decoding.requests import Output, Request
     from glm.tokenizer import GLMTokenizer
 
 MAX_STOP = 4

@@ -15,11 +15,11 @@ import torch
 from glm import distributed
 from glm.decoding.engine import Engine
 from glm.decoding.factory import banned_tokens, make_strategy
-from glm.decoding.requests import Penalties, Request
 from glm.decoding.infill import Answer, prepare_query
 from glm.decoding.options import GenerationOptions
-from glm.serve.protocol import BadRequest, check_length, generation_failed
+from glm.decoding.requests import Penalties, Request
 from glm.decoding.strategies import BeamSearchStrategy
+from glm.serve.protocol import BadRequest, check_length, generation_failed
 from glm.tokenizer import GLMTokenizer
 
 log = logging.getLogger("glm.serve")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from glm.api import ArgumentParser, add_model_arguments
+from glm.cli.common import ArgumentParser, add_model_arguments
 
 DESCRIPTION = (
     "An OpenAI-compatible HTTP server over the decoding engine: `python -m glm.serve --help` (`glm-serve`)."

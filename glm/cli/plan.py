@@ -1,0 +1,23 @@
+"""The command line of `python -m glm.plan` (no torch: `--help` answers at once)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plan", description="Per-rank memory of a run, and whether it fits."
+    )
+    parser.add_argument("--config", default="glm-130b", help="run config preset or file (configs/)")
+    parser.add_argument("--tensor-parallel-size", type=int, help="default: the config's, else 1")
+    parser.add_argument("--quantization-bit-width", type=int, choices=[4, 8], help="default: the config's")
+    parser.add_argument("--dtype", help="default: the config's, else auto for the device type")
+    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu"], help="default: the config's")
+    parser.add_argument("--device-memory", help="memory per device, e.g. 24GiB: say whether it fits")
+    parser.add_argument("--max-memory", help="offload budget per device (weights), e.g. 20GiB or 50%%")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-length", type=int, help="tokens per sequence (default: the model's maximum)")
+    parser.add_argument("--hardware-table", action="store_true", help="plan the original README's table")
+    return parser
