@@ -23,7 +23,7 @@ from glm.decoding.options import GenerationOptions
 from glm.files import write_text_atomic
 
 if TYPE_CHECKING:
-    from glm.decoding.infill import Answer, GenerationStats
+    from glm.decoding.infill import Answer, GenerationStats, Query
     from glm.model import GLM
     from glm.tokenizer import GLMTokenizer
 
@@ -211,18 +211,29 @@ class Session:
         self.output_path = output_path
         self.color = sys.stdout.isatty()
 
-    def fill(self, texts: list[str], numbers: list[int], on_text=None) -> tuple[list[list[Answer]], Any]:
+    def fill(self, queries: list[Query], numbers: list[int], on_text=None) -> tuple[list[list[Answer]], Any]:
         from glm.decoding import infill
 
         stats = infill.GenerationStats()
         seeds = [query_seed(self.args.seed, n) for n in numbers]
-        answers = infill.fill_blanks(self.model, self.tokenizer, texts, self.options, on_text, seeds, stats)
+        answers = infill.fill_blanks(self.model, self.tokenizer, queries, self.options, on_text, seeds, stats)
         return answers, stats
 
-    def show(self, text: str, answers: list[Answer]) -> None:
+    def prepare(self, text: str, where: str) -> Query:
+        """`text` as a query (prepared once), with room to generate under --out-seq-length."""
         from glm.decoding.infill import prepare_query
 
-        gmask = prepare_query(text, self.tokenizer).use_gmask
+        query = prepare_query(text, self.tokenizer)
+        length = len(query.ids) + 1
+        if length >= self.options.out_seq_length:
+            raise ValueError(
+                f"{where}: the query is {length} tokens with sop, which leaves no room under "
+                f"--out-seq-length {self.options.out_seq_length}; shorten it or raise --out-seq-length"
+            )
+        return query
+
+    def show(self, query: Query, answers: list[Answer]) -> None:
+        gmask = query.use_gmask
         if self.args.print_all_beams and len(answers) > 1:
             for i, answer in enumerate(answers):
                 print(f"Output beam {i}: {style(answer, self.tokenizer, gmask, self.color)}")
@@ -269,56 +280,41 @@ class Session:
                 print("cancelled (Ctrl-C at the prompt exits)")
 
     def answer_one(self, number: int, query_id: str | None, text: str) -> None:
-        from glm.decoding.infill import prepare_query
-
         start = time.time()
-        self.check_room(text, f"query {number}")
+        query = self.prepare(text, f"query {number}")
         streaming = self.options.sampling_strategy == "BaseStrategy"
         if streaming:  # the Output line is written as it is generated
-            gmask = prepare_query(text, self.tokenizer).use_gmask
             print("Output: ", end="", flush=True)
-            opening, closing = BLANK_STYLE[gmask]
+            opening, closing = BLANK_STYLE[query.use_gmask]
 
             def on_text(piece: str, blank: bool) -> None:
                 piece = one_line(piece)
                 print(opening + piece + closing if blank and self.color else piece, end="", flush=True)
 
             try:
-                (answers,), stats = self.fill([text], [number], on_text)
+                (answers,), stats = self.fill([query], [number], on_text)
             finally:
                 print()
         else:
             print("Generating ...", flush=True)
-            (answers,), stats = self.fill([text], [number])
-            self.show(text, answers)
+            (answers,), stats = self.fill([query], [number])
+            self.show(query, answers)
         write_answers(output_file(self.output_path, text, query_id), answers, self.tokenizer)
         report_speed(stats)
         print(f"Taken time {time.time() - start:.2f}")
 
-    def check_room(self, text: str, where: str) -> None:
-        """A query that leaves room to generate under --out-seq-length."""
-        from glm.decoding.infill import prepare_query
-
-        length = len(prepare_query(text, self.tokenizer).ids) + 1
-        if length >= self.options.out_seq_length:
-            raise ValueError(
-                f"{where}: the query is {length} tokens with sop, which leaves no room under "
-                f"--out-seq-length {self.options.out_seq_length}; shorten it or raise --out-seq-length"
-            )
-
     def from_file(self, queries: list[tuple[int, str | None, str]]) -> int:
         # Check every query's length before generating anything, so a bad line costs no half-finished run.
-        for n, _, text in queries:
-            self.check_room(text, f"{self.args.input_source} line {n}")
+        prepared = [self.prepare(text, f"{self.args.input_source} line {n}") for n, _, text in queries]
         size = self.args.batch_size
         for i in range(0, len(queries), size):
-            batch = queries[i : i + size]
+            batch, batch_queries = queries[i : i + size], prepared[i : i + size]
             start = time.time()
             print(f"Working on No. {batch[0][0]}" + (f"-{batch[-1][0]}" if len(batch) > 1 else "") + "...")
-            results, stats = self.fill([text for _, _, text in batch], [n for n, _, _ in batch])
-            for (_, query_id, text), answers in zip(batch, results, strict=True):
+            results, stats = self.fill(batch_queries, [n for n, _, _ in batch])
+            for (_, query_id, text), query, answers in zip(batch, batch_queries, results, strict=True):
                 print(f"Input: {text}")
-                self.show(text, answers)
+                self.show(query, answers)
                 write_answers(output_file(self.output_path, text, query_id), answers, self.tokenizer)
             report_speed(stats)
             print(f"Taken time {time.time() - start:.2f}")

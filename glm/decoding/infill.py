@@ -49,6 +49,7 @@ class Query:
     mask_id: int
     use_gmask: bool
     unfilled: tuple[MaskText, ...] = ()
+    text: str = ""  # as typed
 
 
 def prepare_query(text: str, tokenizer: GLMTokenizer) -> Query:
@@ -68,7 +69,7 @@ def prepare_query(text: str, tokenizer: GLMTokenizer) -> Query:
         for k, m in enumerate(masks)
         if m != mask
     )
-    return Query(ids, tokenizer.get_command(mask), use_gmask=mask == "[gMASK]", unfilled=unfilled)
+    return Query(ids, tokenizer.get_command(mask), mask == "[gMASK]", unfilled, text)
 
 
 def _lead(text: str) -> int:
@@ -155,13 +156,14 @@ class GenerationStats:
 def fill_blanks(
     model: GLM,
     tokenizer: GLMTokenizer,
-    texts: list[str],
+    texts: Sequence[str | Query],
     options: GenerationOptions | None = None,
     on_text: Callable[[str, bool], None] | None = None,
     seeds: Sequence[int] | None = None,
     stats: GenerationStats | None = None,
 ) -> list[list[Answer]]:
-    """Fill every blank of each text; returns per text its answers (one, or one per beam, best first).
+    """Fill every blank of each text (or query prepared by `prepare_query`); returns per text its answers
+    (one, or one per beam, best first).
 
     `on_text(piece, is_blank)` receives the first text's answer as it is generated (sampling only): the
     pieces add up to `answers[0][0].text(tokenizer)`. `seeds[i]`, if given, seeds text i's own random
@@ -179,15 +181,15 @@ def fill_blanks(
         )
     if seeds is not None and len(seeds) != len(texts):
         raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
-    queries = [prepare_query(t, tokenizer) for t in texts]
+    queries = [t if isinstance(t, Query) else prepare_query(t, tokenizer) for t in texts]
     sop, end_tokens = tokenizer.sop_id, [tokenizer.eop_id, tokenizer.eos_id]
     invalid = banned_tokens(tokenizer)
-    for text, query in zip(texts, queries, strict=True):
+    for query in queries:
         if len(query.ids) + 1 >= options.out_seq_length:
             raise ValueError(
                 f"the prompt is {len(query.ids) + 1} tokens with sop, which leaves no room to generate under "
                 f"out_seq_length {options.out_seq_length}: shorten it or raise --out-seq-length "
-                f"(prompt: {text[:40]!r})"
+                f"(prompt: {query.text[:40]!r})"
             )
     stats = stats if stats is not None else GenerationStats()
     streamer = (

@@ -18,10 +18,9 @@ The budget (`--max-memory`) counts weights only: the resident ones plus the buff
 activations come on top (`python -m glm.plan` adds them up). Outputs are bit-identical to a run without
 offload: the same bytes reach the same kernels.
 
-Files: planner.py (`plan_offload`, `OffloadPlan`),
-stores.py (`DiskStore`, `PinnedStore`), streamer.py (`WeightStreamer`), transform.py (`Offload`,
-`offload_from_args`); the sizes of the flags are glm/sizes.py (no torch). The names below are imported on first use (PEP 562), so the torch-free ones do not
-import torch.
+Files: planner.py (`plan_offload`, `OffloadPlan`), stores.py (`DiskStore`, `PinnedStore`), streamer.py
+(`WeightStreamer`), transform.py (`Offload`, `offload_from_args`); the flags' sizes are glm/sizes.py (no
+torch). The names below are imported on first use (PEP 562), so the torch-free ones do not import torch.
 """
 
 from __future__ import annotations
