@@ -22,8 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from quantization import QuantizationSpec
-from quantization.cuda import CUDAKernel, fused_int4_available
-from quantization.schemes import quantize_to_stored
+from quantization.cuda import (
+    CUDAKernel,
+    Int4PackKernel,
+    fused_int4_available,
+    fused_int4_group_size,
+    pack_int4,
+)
+from quantization.schemes import quantize_to_stored, scale_groups
 
 SHAPES = {"qkv": (4608, 12288), "h_to_4h": (8192, 12288), "dense": (12288, 1536), "4h_to_h": (12288, 4096)}
 
@@ -81,8 +87,12 @@ def main() -> None:
                 row = {"layer": name, "rows": m, "fp16_ms": timed(lambda x=x, w=weight: F.linear(x, w))}
                 for label, spec in specs.items():
                     stored, scale = quantize_to_stored(weight, spec)
-                    kernel = CUDAKernel(spec.bits)
-                    row[f"{label}_ms"] = timed(lambda x=x, k=kernel, w=stored, s=scale: k(x, w, s))
+                    kernel, operands = CUDAKernel(spec.bits), (stored, scale)
+                    groups = scale_groups(scale).shape[1]
+                    size = fused_int4_group_size(out_features, in_features, groups)
+                    if spec.bits == 4 and info["fused_int4"] and size is not None:  # as the layer packs
+                        kernel, operands = Int4PackKernel(size), pack_int4(stored, scale, size, device)
+                    row[f"{label}_ms"] = timed(lambda x=x, k=kernel, o=operands: k(x, *o))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.output:

@@ -8,7 +8,9 @@
 The model is built on the meta device and transformed as the run would be (tensor parallelism, then
 quantization, then offload), so the numbers follow the code rather than a formula beside it:
 
-- weights: every parameter and buffer of one rank's model, by kind, floating tensors in the run's dtype;
+- weights: every parameter and buffer of one rank's model, by kind, floating parameters in the run's dtype,
+  laid out as loading leaves them: on CUDA, INT4 layers hold tinygemm's packed weight and bf16 (scale, zero)
+  pairs per kernel group (sm_80+ assumed; a V100 or RTX 2080 Ti keeps the stored bytes, ~3 % less);
 - KV cache: `KVCache.for_model` on that model (batch x beams rows, max-length tokens);
 - activation peak: the largest sum of live tensors while the model runs a prefill of max-length tokens and a
   decode step over a full cache, on meta tensors, tracked op by op (inputs and mask included);
@@ -35,7 +37,15 @@ from glm.cli.plan import build_parser
 from glm.config import GLMConfig
 from glm.loading import resolve_dtype
 from glm.model import GLM, KVCache
-from glm.offload import OffloadError, OffloadPlan, format_bytes, parse_memory, plan_offload, tensor_bytes
+from glm.offload import (
+    OffloadError,
+    OffloadPlan,
+    format_bytes,
+    laid_out_for,
+    parse_memory,
+    plan_offload,
+    tensor_bytes,
+)
 from glm.run_config import load_run_config
 
 GB = 1000**3
@@ -229,7 +239,7 @@ def plan_memory(
     length = max_length or config.max_sequence_length
     if transforms is None:
         transforms = run_transforms(tensor_parallel_size, bits)
-    model = build_meta_model(config, transforms)
+    model = laid_out_for(build_meta_model(config, transforms), torch.device(device_type), fused_int4=True)
     weights = weights_by_kind(model, dtype)
     offload = plan_offload(model, max_memory, dtype)
     rows = batch_size * num_beams

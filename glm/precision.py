@@ -60,8 +60,8 @@ def _quantized_path(bits: int, device: torch.device, dtype: torch.dtype) -> str:
         from quantization.cuda import fused_int4_available
 
         if bits == 4 and fused_int4_available(device):
-            return "fused tinygemm int4pack (bf16 activations)"
-        return f"dequantised, then torch ({_dtype_name(dtype)})"
+            return "fused tinygemm int4pack (bf16 activations; shapes it cannot tile: dequantised tiles)"
+        return f"dequantised tiles, then torch ({_dtype_name(dtype)})"
     from quantization.cpu import DECODE_MAX_ROWS, matmul_dtype, native_kernels
 
     dense = _dtype_name(matmul_dtype(dtype))

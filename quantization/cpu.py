@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quantization.native import load_extension
-from quantization.schemes import dequantize, scale_groups, unpacked_values
+from quantization.schemes import dequantize, scale_groups
+from quantization.tinygemm import kernel_group_size, scales_and_zeros, unsigned_bytes, unsigned_values
 
 # Rows up to which the decode kernel beats dequantise + dense matmul (bench/quantization_kernels.py).
 DECODE_MAX_ROWS = 8
@@ -45,7 +46,6 @@ DECODE_MAX_ROWS = 8
 # sgemm with 512 x 1536 activations runs ~1.3 x slower on 1024 weight rows than on >= 4096.
 PREFILL_TILE_BYTES = 32 << 20
 _scratch = threading.local()  # each thread's tile buffers by dtype, kept for its next call (no page faults)
-_KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 
 
 @functools.cache
@@ -156,15 +156,12 @@ class CPUKernel:
     def _int4pack_mm(self, rows: Tensor, weight: Tensor, groups: Tensor) -> Tensor:
         if self._int4pack is None:
             in_features = weight.shape[1] * 2
-            width = in_features // groups.shape[1]
-            size = next((g for g in _KERNEL_GROUP_SIZES if width % g == 0), None)
+            size = kernel_group_size(in_features, groups.shape[1])
             if size is None:
                 return F.linear(rows.float(), dequantize(weight, groups, 4))
-            # tinygemm layout: unsigned q + 8, dequantised as (u - 8) * scale + zero with zero = 0.
-            unsigned = (unpacked_values(weight, 4).to(torch.int32) + 8).contiguous()
+            # tinygemm's operands (tinygemm.py); the CPU op takes the unsigned values unpacked, int32 [N, K].
+            unsigned = unsigned_values(unsigned_bytes(weight))
             packed = torch._convert_weight_to_int4pack_for_cpu(unsigned, 1)
-            per_kernel_group = groups.repeat_interleave(width // size, dim=1).t()  # [in / size, out]
-            scales_zeros = torch.stack([per_kernel_group, torch.zeros_like(per_kernel_group)], dim=-1)
-            self._int4pack = (packed, scales_zeros.to(torch.bfloat16).contiguous(), size)
+            self._int4pack = (packed, scales_and_zeros(groups, in_features, size), size)
         packed, scales_zeros, size = self._int4pack
         return torch._weight_int4pack_mm_for_cpu(rows, packed, size, scales_zeros).float()

@@ -4,6 +4,9 @@ Plain nn.Modules that fit any model whose linear layers follow the same small pr
 `reduce`, when set on the layer replaced (a row-parallel layer under tensor parallelism), sums the partial
 products across ranks before the bias is added; `load_weight(name, tensor, dtype, device)` and
 `finish_loading()` are the loader's hooks. A checkpoint tensor that does not fit is a ValueError.
+`compute_device`, when set (weight offload sets it on the layers it streams), is where a layer computes
+while its tensors are stored elsewhere (the CPU); `prepare(device)` lays the tensors out for the kernel of
+a device (finish_loading calls it; memory planning calls it on the meta model to count what loading keeps).
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from quantization.cpu import CPUKernel, native_kernels
-from quantization.cuda import CUDAKernel
+from quantization.cuda import (
+    CUDAKernel,
+    Int4PackKernel,
+    fused_int4_available,
+    fused_int4_group_size,
+    pack_int4,
+)
 from quantization.schemes import quantize_to_stored, scale_groups
 from quantization.spec import QuantizationSpec
 
@@ -27,7 +36,9 @@ def make_kernel(bits: int, device: torch.device) -> Kernel:
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored quantized: buffers `weight` (int8 [out, in], or [out, in / 2]
-    packed INT4) and `weight_scale` (fp16 [out] or [out, groups]); the bias stays a float parameter.
+    packed INT4) and `weight_scale` (fp16 [out] or [out, groups]); the bias stays a float parameter. On a
+    device that runs the fused INT4 kernel these two are replaced, once loaded, by `weight_int4pack` and
+    `weight_int4pack_scale`, the kernel's own layout (`prepare`): the layer holds one copy of its weight.
 
     `load_weight` takes either a float `weight`, quantized on arrival (quantize while loading), or a
     quantized checkpoint's `weight` and `weight_scale` (any group count that divides the input columns, so
@@ -50,6 +61,9 @@ class QuantizedLinear(nn.Module):
             "weight", torch.empty(self.out_features, columns, dtype=torch.int8, device=device)
         )
         self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=torch.float16, device=device))
+        self.register_buffer("weight_int4pack", None)
+        self.register_buffer("weight_int4pack_scale", None)
+        self.compute_device: torch.device | None = None
         self.bias = linear.bias  # the original's load-then-quantize path lost it; kept here
         self._quantized_here = False
         self._kernel: Kernel | None = None
@@ -66,14 +80,17 @@ class QuantizedLinear(nn.Module):
         self._kernel = kernel
 
     def extra_repr(self) -> str:
-        groups = scale_groups(self.weight_scale).shape[1]
-        shape = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{shape}, bits={self.spec.bits}, groups={groups}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}"
+        if self.weight is None:
+            return f"{shape}, int4pack groups of {self._kernel.group_size}"
+        return f"{shape}, groups={scale_groups(self.weight_scale).shape[1]}"
 
     def _where(self) -> str:
         return f"{type(self).__name__} [{self.out_features} x {self.in_features}]"
 
     def load_weight(self, name: str, tensor: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        if self.weight is None:
+            raise ValueError(f"{self._where()}: '{name}' arrives after the weight was packed for its kernel")
         if name == "bias":
             self.bias = nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         elif name == "weight" and tensor.is_floating_point():
@@ -130,8 +147,8 @@ class QuantizedLinear(nn.Module):
         self._buffers["weight_scale"] = scale.to(device=device, dtype=torch.float16).contiguous()
 
     def finish_loading(self) -> None:
-        if self.weight.is_meta:
-            return  # the loader reports what is missing
+        if self.weight is None or self.weight.is_meta:
+            return  # packed already, or the loader reports what is missing
         if self.weight_scale.is_meta:
             raise ValueError(
                 f"{self._where()}: the checkpoint has int8 weights but no weight_scale: it is incomplete, or "
@@ -139,13 +156,40 @@ class QuantizedLinear(nn.Module):
             )
         if self._quantized_here and self.from_quantized_checkpoint:
             raise ValueError(f"{self._where()}: float weights in a checkpoint loaded as quantized")
-        if self.weight.device.type == "cpu":
-            native_kernels()  # built while loading (the first time: about a minute), not in the first request
+        self.prepare(self.compute_device or self.weight.device)
+
+    def prepare(self, device: torch.device, fused_int4: bool | None = None) -> None:
+        """Get ready to compute on `device` (`fused_int4`: whether it runs the fused INT4 kernel; None: ask
+        the device). On the CPU the native kernels are built now (the first time: about a minute), not in
+        the first request. Where the fused INT4 kernel runs and tinygemm tiles the shape, the weight is
+        packed for it, on `device`, or on the weights' own device when that is not the CPU (meta for
+        counting), and the stored weight and scale are dropped; the packed form stays where the weights
+        live (on the CPU for a streamed layer, whose tensors offload copies to the GPU before each use)."""
+        if device.type == "cpu":
+            native_kernels()
+            return
+        if self.spec.bits != 4 or self.weight is None:
+            return
+        size = fused_int4_group_size(
+            self.out_features, self.in_features, scale_groups(self.weight_scale).shape[1]
+        )
+        if fused_int4 is None:
+            fused_int4 = size is not None and device.type == "cuda" and fused_int4_available(device)
+        if size is None or not fused_int4:
+            return  # CUDAKernel dequantises
+        work = device if self.weight.device.type == "cpu" else self.weight.device
+        packed, scales_zeros = pack_int4(self.weight, self.weight_scale, size, work)
+        self._buffers["weight"] = self._buffers["weight_scale"] = None
+        self._buffers["weight_int4pack"], self._buffers["weight_int4pack_scale"] = packed, scales_zeros
+        self._kernel = Int4PackKernel(size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._kernel is None:
-            self._kernel = make_kernel(self.spec.bits, self.weight.device)
-        y = self._kernel(x, self.weight, self.weight_scale)
+        if self.weight is None:  # packed by prepare, which chose the kernel
+            y = self._kernel(x, self.weight_int4pack, self.weight_int4pack_scale)
+        else:
+            if self._kernel is None:
+                self._kernel = make_kernel(self.spec.bits, self.weight.device)
+            y = self._kernel(x, self.weight, self.weight_scale)
         if self.reduce is not None:
             y = self.reduce(y)  # the bias is added once, after the sum over ranks
         return y if self.bias is None else y + self.bias

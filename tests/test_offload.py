@@ -356,3 +356,74 @@ def test_the_next_matrix_is_fetched_before_the_current_one_is_waited_for(checkpo
 def test_an_offload_folder_in_memory_is_refused(checkpoint):
     with pytest.raises(OffloadError, match="lives in memory: give --offload-folder a folder on a disk"):
         load_model(checkpoint, transforms=[Offload("40%", "cpu", torch.float32, folder="/dev/shm/glm-test")])
+
+
+def test_streamed_int4_layers_for_a_gpu_are_packed_once_and_laid_out_as_planned(tmp_path, monkeypatch):
+    # Offload to a (faked) H100: each streamed layer is stored on the CPU, packed once while loading for the
+    # GPU's fused kernel (the CUDA packing op emulated: its real shapes from the meta op, filled bytes) and
+    # streamed as packed, nothing else; the CPU kernels are built for the layers that compute on the CPU.
+    import quantization.layers
+    from glm.checkpoint import ShardedCheckpoint
+    from glm.loading import load_weights
+    from glm.offload import laid_out_for
+    from glm.offload.planner import streamable_units, unit_bytes
+    from glm.offload.stores import DiskStore
+    from glm.offload.streamer import WeightStreamer
+    from glm.quantize import quantization_transform
+    from quantization.cuda import pack_int4
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    packed_on = []
+
+    def pack_on_the_gpu(weight, scale, size, device):
+        packed_on.append(device.type)
+        meta = torch.device("meta")
+        packed, pairs = pack_int4(weight.to(meta), scale.to(meta), size, meta)
+        return torch.full(packed.shape, 7, device=weight.device), torch.ones(
+            pairs.shape, device=weight.device
+        )
+
+    monkeypatch.setattr(quantization.layers, "pack_int4", pack_on_the_gpu)
+    builds = []
+    monkeypatch.setattr(quantization.layers, "native_kernels", lambda: builds.append(1))
+    config = GLMConfig(2, 128, 4, 128, 64, 32)  # every matrix's in_features a multiple of 128: all pack
+    folder = save_checkpoint(init_random_weights(GLM(config), seed=1).state_dict(), tmp_path / "ckpt", config)
+    with torch.device("meta"):
+        model = quantization_transform(4)(GLM(config))
+    gpu = torch.device("cuda")
+    packed = laid_out_for(model, gpu)
+    planned = dict(streamable_units(packed))
+    sizes = [unit_bytes(m, torch.float16) for m in planned.values()]
+    budget = plan_offload(packed, None, torch.float16).fixed_bytes + 2 * max(sizes) + sum(sizes[:2])
+    plan = plan_offload(packed, budget, torch.float16)  # two buffers and the first two matrices resident
+    assert len(plan.resident_units) == 2 and len(plan.streamed_units) == len(planned) - 2
+    model.offload = WeightStreamer(model, plan, gpu, DiskStore(tmp_path / "offload"))
+    load_weights(model, ShardedCheckpoint(folder), torch.float16, torch.device("cpu"))
+    for unit in model.offload.units:
+        assert unit.module.compute_device == gpu and unit.module.weight is None
+        assert [e.name for e in unit.entries] == ["bias", "weight_int4pack", "weight_int4pack_scale"]
+        assert unit.nbytes == unit_bytes(planned[unit.name], torch.float16)  # as the planner counted
+        offsets = [e.slot_offset for e in unit.entries]
+        assert offsets == sorted(offsets) and offsets[0] == 0  # one after another, no hole left
+        assert (unit.entries[1].stored == 7).all()  # the packed bytes went to the store
+    assert packed_on.count("cuda") == len(plan.streamed_units)  # once per streamed layer, on the GPU
+    assert len(builds) == len(plan.resident_units)  # the resident layers here compute on the CPU
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_int4_layers_on_cuda_give_the_resident_models_logits(tmp_path):
+    from glm.quantize import quantization_transform
+
+    config = GLMConfig(2, 128, 4, 128, 64, 32)
+    folder = save_checkpoint(init_random_weights(GLM(config), seed=1).state_dict(), tmp_path / "ckpt", config)
+    settings = dict(dtype="float16", device="cuda")
+    resident, _ = load_model(folder, transforms=[quantization_transform(4)], **settings)
+    offload = Offload("60%", "cuda", torch.float16)
+    offloaded, _ = load_model(folder, transforms=[quantization_transform(4), offload], **settings)
+    assert streamed(offloaded) and all(u.module.weight is None for u in offloaded.offload.units)  # packed
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]], device="cuda")
+    positions = torch.arange(6, device="cuda")[None]
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(resident(ids, positions, mask), offloaded(ids, positions, mask))

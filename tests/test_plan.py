@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from test_offload import MEMORY_CONFIG, build_memory_checkpoint, probe
+from torch import nn
 
 from glm.config import get_preset
-from glm.plan import ORIGINAL_HARDWARE, hardware_table, plan_memory
+from glm.plan import ORIGINAL_HARDWARE, build_meta_model, hardware_table, plan_memory, run_transforms
 from glm.plan import main as plan_main
+from quantization import QuantizedLinear
 
 GLM_130B = get_preset("glm-130b")
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +66,27 @@ def test_a_rank_holds_its_share_and_the_replicated_tensors():
     replicated = layers * (4 * h + 2 * h) + 2 * h  # LayerNorms, row-parallel biases, final LayerNorm
     per_rank = (GLM_130B.num_parameters() - replicated) // 8 + replicated
     assert plan_memory(GLM_130B, 8, None, max_length=8).weight_bytes == 2 * per_rank
+
+
+@pytest.mark.parametrize("bits,tp", [(4, 4), (8, 8), (None, 8)])
+def test_cuda_weights_are_what_the_loaded_layers_hold(monkeypatch, bits, tp):
+    # GLM-130B's rank as loading on an H100 leaves it (the layers prepared for a faked sm_90 device, their
+    # weights on meta), counted tensor by tensor: fp16 parameters, buffers in their own dtypes.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    model = build_meta_model(GLM_130B, run_transforms(tp, bits))
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.prepare(torch.device("cuda"))
+    tensors = [*model.parameters(), *model.buffers()]
+    held = sum(t.numel() * (2 if isinstance(t, nn.Parameter) else t.element_size()) for t in tensors)
+    assert plan_memory(GLM_130B, tp, bits, max_length=8).weight_bytes == held
+    if bits == 4:  # one copy: tinygemm's packed weight (N * K / 2 bytes) and bf16 (scale, 0) per 256 columns
+        h, inner = GLM_130B.hidden_size, GLM_130B.inner_hidden_size
+        shapes = [(3 * h // tp, h), (h, h // tp), (2 * inner // tp, h), (h, inner // tp)]  # (N, K)
+        per_layer = sum(n * k // 2 + k // 256 * n * 2 * 2 for n, k in shapes)
+        assert all(layer.weight is None and layer.weight_scale is None for layer in layers)
+        quantized = sum(t.numel() * t.element_size() for layer in layers for t in layer.buffers())
+        assert quantized == GLM_130B.num_layers * per_layer
 
 
 def test_kv_cache_is_3_4_mb_per_token():

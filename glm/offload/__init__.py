@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from glm.sizes import format_bytes, parse_memory
 
 if TYPE_CHECKING:
-    from glm.offload.planner import OffloadError, OffloadPlan, plan_offload, tensor_bytes
+    from glm.offload.planner import OffloadError, OffloadPlan, laid_out_for, plan_offload, tensor_bytes
     from glm.offload.stores import DiskStore, PinnedStore
     from glm.offload.streamer import WeightStreamer
     from glm.offload.transform import Offload, offload_from_args
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "OffloadError": "glm.offload.planner",
     "OffloadPlan": "glm.offload.planner",
+    "laid_out_for": "glm.offload.planner",
     "plan_offload": "glm.offload.planner",
     "tensor_bytes": "glm.offload.planner",
     "DiskStore": "glm.offload.stores",
@@ -56,6 +57,7 @@ __all__ = [
     "PinnedStore",
     "WeightStreamer",
     "format_bytes",
+    "laid_out_for",
     "offload_from_args",
     "parse_memory",
     "plan_offload",

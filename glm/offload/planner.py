@@ -3,6 +3,7 @@ counted from the (meta) model's own tensors."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,25 @@ class OffloadError(ValueError):
 
 
 def tensor_bytes(tensor: Tensor, dtype: torch.dtype) -> int:
-    """Bytes a (meta) tensor will take once loaded: floating tensors in `dtype`, others as they are."""
-    size = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
-    return tensor.numel() * size
+    """Bytes a (meta) tensor will take once loaded: floating parameters in `dtype`; buffers (quantized
+    layers' weights and scales, which keep their own dtypes) and integer tensors as they are."""
+    cast = isinstance(tensor, nn.Parameter) and tensor.is_floating_point()
+    return tensor.numel() * (dtype.itemsize if cast else tensor.element_size())
+
+
+def laid_out_for(model: nn.Module, device: torch.device, fused_int4: bool | None = None) -> nn.Module:
+    """The (meta) model as loading for `device` leaves it, to count: a copy in which every module with a
+    `prepare(device, fused_int4)` hook (a quantized layer) has laid out its tensors for the device's
+    kernel (INT4 on CUDA sm_80+: tinygemm's packed form), or the model itself off CUDA or without such
+    modules. `fused_int4` None asks the device whether it runs the fused INT4 kernel."""
+    prepared = [m for m in model.modules() if hasattr(m, "prepare")]
+    if device.type != "cuda" or not prepared:
+        return model
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "prepare"):
+            module.prepare(device, fused_int4)
+    return model
 
 
 def aligned(n: int, alignment: int) -> int:

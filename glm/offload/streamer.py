@@ -38,6 +38,9 @@ class WeightStreamer:
         self.bytes_streamed = 0
         self.wait_seconds = 0.0
         for index, unit in enumerate(self.units):
+            for owner in unit.module.modules():
+                if hasattr(owner, "compute_device"):  # a layer that prepares for its device (quantized)
+                    owner.compute_device = device
             self._intercept_loading(unit)
             unit.module.register_forward_pre_hook(lambda _m, _a, i=index: self._before(i))
             unit.module.register_forward_hook(lambda _m, _a, _o, i=index: self._after(i))
@@ -67,9 +70,13 @@ class WeightStreamer:
         unit.module.finish_loading = finish_loading
 
     def _stash(self, unit: Unit) -> None:
-        """Move the unit's loaded tensors that the store does not hold yet into it."""
+        """Move the unit's loaded tensors that the store does not hold yet into it, forget the ones the
+        module no longer holds (a quantized layer that packed its weight for the kernel dropped the stored
+        one) and lay the rest out one after another in a buffer."""
         current = {(id(e.owner), e.name): e for e in unit.entries}
-        for owner, name in local_tensors(unit.module):
+        held = local_tensors(unit.module)
+        unit.entries = [e for e in unit.entries if (e.owner, e.name) in held]
+        for owner, name in held:
             value = getattr(owner, name)
             entry = current.get((id(owner), name))
             if value.is_meta or (entry is not None and _same(value, entry.stored)):
@@ -78,10 +85,13 @@ class WeightStreamer:
                 unit.entries.remove(entry)
             entry = Entry(owner, name, name in owner._parameters, value, 0, 0)
             self.store.put(entry, value.detach().cpu())
-            entry.slot_offset = aligned(unit.nbytes, SLOT_ALIGN)
             unit.entries.append(entry)
             unit.bind(lambda e: e.stored)
             self.store.release(entry)
+        offset = 0
+        for entry in unit.entries:
+            entry.slot_offset = offset
+            offset = aligned(offset + entry.nbytes, SLOT_ALIGN)
 
     # Running: while unit i computes, units i+1 .. i+B-1 are fetched into the other B-1 buffers.
     def _allocate(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glm.offload.planner import DEFAULT_BUFFERS, OffloadError, plan_offload
+from glm.offload.planner import DEFAULT_BUFFERS, OffloadError, laid_out_for, plan_offload
 from glm.offload.stores import DiskStore, PinnedStore, keep_large_allocations_returnable
 from glm.offload.streamer import WeightStreamer
 from glm.sizes import parse_memory
@@ -33,7 +33,9 @@ class Offload:
     def __call__(self, model: nn.Module) -> nn.Module:
         if self.max_memory is None:
             return model
-        plan = plan_offload(model, self.max_memory, self.dtype, self.buffers)
+        # Counted as loading leaves the layers (a packed INT4 weight's scales take more room); the units
+        # planned are the same modules of `model`.
+        plan = plan_offload(laid_out_for(model, self.device), self.max_memory, self.dtype, self.buffers)
         if not plan.streamed_units:
             return model
         if self.device.type == "cuda":
