@@ -9,6 +9,10 @@ ranks with the same tensor-parallel rank form a data-parallel group. Collectives
 (CPU) or NCCL (CUDA, one device per local rank) with a timeout; Python objects (queries, results) go over
 gloo groups that wait longer, because they wait for a person typing or for a slower replica. Only rank 0
 prints (other ranks' stdout goes to /dev/null), reads stdin and writes files.
+
+The first rank to fail posts its error to the job's store (`stop_job`; `session` does it for any error),
+and every other rank, polling the store, exits with it: no rank is left waiting in a collective (NCCL
+notices a lost peer only at the timeout).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import datetime
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +36,7 @@ from torch import Tensor
 DEFAULT_TIMEOUT_S = 600.0
 # Waits for a person typing a query, or for a data-parallel replica that is slower on its share.
 PATIENT_TIMEOUT = datetime.timedelta(days=7)
+FAILURE_POLL_S = 0.5  # how often each rank looks for another rank's failure in the job's store
 
 T = TypeVar("T")
 
@@ -128,7 +134,7 @@ def initialize(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Parallel:
     """Join the job the launcher started (a no-op in a single process) and build its groups."""
-    global _current
+    global _current, _failures
     rank, world, local_rank = launcher_env()
     tp, _ = resolve_sizes(world, tensor_parallel_size, data_parallel_size)
     if world == 1:
@@ -141,7 +147,11 @@ def initialize(
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+        # NCCL: device_id binds the communicators to this rank's GPU at once (not guessed at the first
+        # collective); the timeout is the NCCL watchdog's too
+        options = {"device_id": torch.device("cuda", local_rank)} if cuda else {}
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **options)
     # Every rank creates every group, in the same order (torch.distributed requires it).
     replicas = [list(range(d * tp, (d + 1) * tp)) for d in range(world // tp)]
     tensor_groups = [dist.new_group(ranks, timeout=timeout) for ranks in replicas]
@@ -161,16 +171,67 @@ def initialize(
         object_group,
         replica_object_groups[rank // tp],
     )
+    if _failures is None:
+        _failures = FailureWatch(rank, timeout)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     return _current
 
 
 def shutdown() -> None:
-    global _current
+    global _current, _failures
+    if _failures is not None:
+        _failures.stop()
+        _failures = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _current = Parallel()
+
+
+class FailureWatch:
+    """This rank's line to the job's store (the launcher's, at MASTER_ADDR:MASTER_PORT): `post` records
+    a failure (the first posted wins), and a thread ends this process when another rank has posted one."""
+
+    def __init__(self, rank: int, timeout: datetime.timedelta) -> None:
+        self.rank = rank
+        # per launch attempt: torchrun restarts a job on the same store
+        self.key = f"glm/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        # a connection of its own: the process group's may be busy in a long wait
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        self.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="glm-failure-watch", daemon=True).start()
+
+    def post(self, reason: str) -> None:
+        with contextlib.suppress(Exception):  # the store is gone: so is rank 0, and the job is ending
+            self.store.compare_set(self.key, "", f"{self.rank}\n{reason}")
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(FAILURE_POLL_S):
+            try:
+                if not self.store.check([self.key]):
+                    continue
+                rank, reason = self.store.get(self.key).decode().split("\n", 1)
+            except Exception:  # the store went away (rank 0 ended): there is nothing more to hear
+                return
+            if int(rank) != self.rank and not self._stopped.is_set():
+                message = f"error: {rank_prefix()}rank {rank} failed, so the job stops: {reason}"
+                print(message, file=sys.stderr, flush=True)
+                os._exit(1)  # the main thread may be waiting in a collective that will never complete
+            return
+
+
+_failures: FailureWatch | None = None
+
+
+def stop_job(reason: str) -> None:
+    """Make every other rank of the job exit with `reason` (the first reason any rank gives wins); this
+    rank goes on and ends itself. A no-op in a single process."""
+    if _failures is not None:
+        _failures.post(reason)
 
 
 def compute_device(requested: str | torch.device) -> torch.device:
@@ -196,6 +257,14 @@ def _is_communication_error(error: BaseException) -> bool:
     return isinstance(error, base) or any(word in text for word in words)
 
 
+def _reason(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"it exited with status {error.code}"
+    if isinstance(error, KeyboardInterrupt):
+        return "it was interrupted"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
 def rank_prefix() -> str:
     """'[rank r] ' for error messages of a rank other than 0 in a multi-process job."""
     return f"[rank {_current.rank}] " if _current.rank else ""
@@ -217,6 +286,8 @@ def session(args: argparse.Namespace) -> Iterator[Parallel]:
     try:
         yield parallel
     except BaseException as error:
+        if not (isinstance(error, SystemExit) and not error.code):
+            stop_job(_reason(error))
         if parallel.world_size > 1 and _is_communication_error(error):
             print(
                 f"error: {rank_prefix()}lost contact with another rank of the job (it exited, or did not "
@@ -304,6 +375,16 @@ def gather_data_parallel(results: Sequence[T], total: int) -> list[T]:
 # ------------------------------------------------------------------------- one decision per decoding step
 
 
+_FAILED = -1  # a step's done flag when rank 0's strategy raised
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What rank 0 broadcasts in place of a result it failed to compute."""
+
+    message: str
+
+
 class SynchronizedStrategy:
     """A decoding strategy whose every step is decided by tensor-parallel rank 0 and broadcast to the rest.
 
@@ -336,9 +417,14 @@ class SynchronizedStrategy:
         # [done, has_source, source (B*beams), last tokens (B*beams)]
         step = torch.empty(2 + 2 * batch * beams, dtype=torch.long, device=tokens.device)
         if self.parallel.tensor_rank == 0:
-            new_tokens, source = self.strategy.forward(logits, tokens, *args, **kwargs)
-            if new_tokens.shape[1] != beams:
-                raise RuntimeError(f"strategy returned {new_tokens.shape[1]} beams, expected {beams}")
+            try:
+                new_tokens, source = self.strategy.forward(logits, tokens, *args, **kwargs)
+                if new_tokens.shape[1] != beams:
+                    raise RuntimeError(f"strategy returned {new_tokens.shape[1]} beams, expected {beams}")
+            except Exception:  # the others wait for this step: they fail it too, and all stay in step
+                step[0] = _FAILED
+                self._broadcast(step)
+                raise
             step[0], step[1] = int(self.strategy.is_done), int(source is not None)
             if source is not None:
                 step[2 : 2 + batch * beams] = source.flatten()
@@ -347,6 +433,8 @@ class SynchronizedStrategy:
             self._done = bool(step[0])
             return new_tokens, source
         self._broadcast(step)
+        if step[0] == _FAILED:
+            raise RuntimeError("the strategy failed on tensor-parallel rank 0 (its log has the error)")
         self._done = bool(step[0])
         last = step[2 + batch * beams :].view(batch, beams, 1).to(tokens.dtype)
         if not step[1]:
@@ -356,9 +444,22 @@ class SynchronizedStrategy:
         return torch.cat((tokens[rows, source], last), dim=-1), source
 
     def finalize(self, tokens: Tensor) -> list[list[list[int]]]:
-        outputs = self.strategy.finalize(tokens) if self.parallel.tensor_rank == 0 else None
+        outputs: Any = None
         self._done = False
-        return broadcast_object(outputs, self.parallel.replica_object_group, self.parallel.tensor_leader)
+        if self.parallel.tensor_rank == 0:
+            try:
+                outputs = self.strategy.finalize(tokens)
+            except Exception as error:
+                broadcast_object(_Failure(_first_line(error)), *self._objects)
+                raise
+        outputs = broadcast_object(outputs, *self._objects)
+        if isinstance(outputs, _Failure):
+            raise RuntimeError(f"the strategy failed on tensor-parallel rank 0: {outputs.message}")
+        return outputs
+
+    @property
+    def _objects(self) -> tuple[Any, int]:
+        return self.parallel.replica_object_group, self.parallel.tensor_leader
 
 
 def synchronized(strategy: T) -> T:

@@ -58,6 +58,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}") from None
 
 
+def check_device_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """A ValueError for bfloat16 on a GPU without it (below sm_80: V100, 2080 Ti), whose bf16 would be
+    emulated, slowly, where it runs at all."""
+    if dtype != torch.bfloat16 or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        raise ValueError(
+            f"bfloat16 needs an sm_80 or newer GPU (Ampere, Hopper); {device} is sm_{major}{minor}: use "
+            "--dtype float16"
+        )
+
+
 def assign_weight(
     module: nn.Module, name: str, tensor: Tensor, dtype: torch.dtype, device: torch.device
 ) -> None:
@@ -201,6 +214,7 @@ def load_model(
     if tokenizer is None and meta is not None and "tokenizer" in meta:
         tokenizer = GLMTokenizer.from_config(meta["tokenizer"], folder)
     target_dtype = resolve_dtype(dtype, device)
+    check_device_dtype(target_dtype, device)
     checkpoint = source.shards
 
     with torch.device("meta"):

@@ -3,6 +3,7 @@ process gives; data-parallel and two-node evaluation; a lost rank ends the job w
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import select
@@ -14,7 +15,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ranks import free_port, launcher_env, subprocess_env
+import torch
+import torch.distributed as dist
+from ranks import free_port, launcher_env, run_ranks, subprocess_env
 
 from glm import distributed
 
@@ -246,6 +249,119 @@ def test_a_hung_rank_ends_the_other_after_the_timeout(tmp_path):
     finally:
         for rank in ranks:
             rank.kill()
+
+
+# A rank that fails but stays alive (its exit waits on a pending NCCL collective; glm-serve's HTTP process
+# outlives its engine thread) while the other waits in a collective with a long timeout.
+FAILING_RANK = """
+import argparse, os, sys, threading
+import torch
+import torch.distributed as dist
+from glm import distributed
+
+args = argparse.Namespace(tensor_parallel_size=2, device="cpu", distributed_timeout=600.0)
+if os.environ["RANK"] == "1":
+    try:
+        with distributed.session(args):
+            if sys.argv[1] == "thread":
+                threading.Thread(target=distributed.stop_job, args=("the engine thread failed",)).start()
+                threading.Event().wait()
+            raise ValueError("bad input on rank 1")
+    finally:
+        threading.Event().wait()
+with distributed.session(args):
+    dist.all_reduce(torch.zeros(1), group=distributed.current().tensor_group)  # waits up to 600 s
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [("thread", "the engine thread failed"), ("session", "ValueError: bad input on rank 1")],
+)
+def test_a_failing_rank_that_stays_alive_ends_the_other_at_once(how, reason):
+    port = free_port()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", FAILING_RANK, how],
+            env=subprocess_env(**launcher_env(rank, 2, port)),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        _, err = ranks[0].communicate(timeout=90)  # not the collective's 600 s
+        assert ranks[0].returncode == 1, err
+        assert f"error: rank 1 failed, so the job stops: {reason}" in err
+        assert ranks[1].poll() is None  # rank 1 is still there: rank 0 did not learn of it by its exit
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
+def _strategy_fails_on_rank_0(rank: int) -> None:
+    """A strategy that raises on rank 0 (the only rank that runs it) fails the step on both ranks, which
+    then go on in step."""
+    import torch
+
+    class Flaky:
+        num_beams, batch_size, is_done = 1, 1, False
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def forward(self, logits, tokens):
+            self.calls += 1
+            if self.calls == 1:
+                raise ValueError("bad step")
+            return torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=-1), None
+
+        def finalize(self, tokens):
+            raise ValueError("bad finalize")
+
+    distributed.initialize(device="cpu")
+    strategy = distributed.SynchronizedStrategy(Flaky(), distributed.current())
+    logits, tokens = torch.tensor([[[0.0, 3.0, 1.0]]]), torch.tensor([[[5]]])
+    expected = (ValueError, "bad step") if rank == 0 else (RuntimeError, "failed on tensor-parallel rank 0")
+    with pytest.raises(expected[0], match=expected[1]):
+        strategy.forward(logits, tokens)
+    new_tokens, source = strategy.forward(logits, tokens)  # the next step is the same on both ranks
+    assert new_tokens.tolist() == [[[5, 1]]] and source is None
+    expected = (ValueError, "bad finalize") if rank == 0 else (RuntimeError, "rank 0: bad finalize")
+    with pytest.raises(expected[0], match=expected[1]):
+        strategy.finalize(new_tokens)
+    assert distributed.broadcast_object(f"still in step on rank {rank}") == "still in step on rank 0"
+    distributed.shutdown()
+
+
+def test_a_strategy_failing_on_rank_0_fails_the_step_on_every_rank():
+    run_ranks(_strategy_fails_on_rank_0, 2, timeout=120)
+
+
+def test_nccl_binds_each_rank_to_its_gpu_with_the_users_timeout(monkeypatch):
+    calls: dict = {}
+    groups: list = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "new_group", lambda ranks, backend=None, timeout=None: groups.append(timeout))
+    monkeypatch.setattr(distributed, "FailureWatch", lambda rank, timeout: None)
+    monkeypatch.setattr(distributed, "_current", distributed.Parallel())
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # rank 1 sends its stdout to /dev/null
+    for name, value in launcher_env(1, 2, free_port()).items():
+        monkeypatch.setenv(name, value)
+    distributed.initialize(2, None, "cuda", timeout_s=42.0)
+    timeout = datetime.timedelta(seconds=42)
+    assert calls == {
+        "set_device": 1,
+        "backend": "nccl",
+        "rank": 1,
+        "world_size": 2,
+        "timeout": timeout,
+        "device_id": torch.device("cuda", 1),
+    }
+    assert groups[0] == timeout  # the tensor-parallel group: the collectives inside the model
 
 
 # -------------------------------------------------------------------------- pure helpers, no processes

@@ -5,13 +5,20 @@ penalties, cancellation and the bounded queue."""
 from __future__ import annotations
 
 import itertools
+import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_config
+from torch import nn
+from torch._dynamo.utils import counters, get_static_address_type
 
 from glm.decoding.engine import Engine
 from glm.decoding.requests import Penalties, QueueFull, Request
+from glm.decoding.rows import held_tensors
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
+from glm.model import GLM, init_random_weights
 from glm.query import build_inputs
 
 END = 601
@@ -199,3 +206,47 @@ def test_beam_search_streams_only_settled_tokens(tiny_model):
     for settled in seen:  # each snapshot is a prefix of the next and of the final best beam
         assert best[: len(settled)] == settled
     assert all(a == b[: len(a)] for a, b in itertools.pairwise(seen))
+
+
+def test_cuda_graphs_step_warms_up_eagerly_marks_static_and_reports_a_skipped_capture(caplog):
+    """--cuda-graphs on the CPU (compiles in ~20 s): the first decode step runs eagerly (every layer prepares
+    its kernel outside the compiled region), the cache and the model's tensors are then static, the tokens
+    are the eager engine's, and the capture torch.compile skips (a CPU graph) is counted and logged once."""
+    model = init_random_weights(GLM(tiny_config(num_layers=1, vocab_size=40)), std=1.0).eval()
+
+    def requests() -> list[Request]:
+        return [
+            Request([5, 6, 7, 8], BaseStrategy(1, top_k=1), 6),
+            Request([9, 10], BaseStrategy(1, top_k=1), 4),
+        ]
+
+    eager = [r.outputs[0].ids for r in Engine(model, groups=2, width=2, max_length=16).run(requests())]
+    assert len({t for ids in eager for t in ids}) > 3  # tokens that can tell a wrong step apart
+    engine = Engine(model, groups=2, width=2, max_length=16, cuda_graphs=True)
+    batch = requests()
+    with caplog.at_level(logging.WARNING, "glm.decoding"):
+        frames = counters["frames"]["total"]  # frames torch.compile has traced in this process
+        for request in batch:
+            engine.submit(request)
+        engine.step()  # the prompts and the first decode step: eager
+        assert counters["frames"]["total"] == frames
+        cache = engine.rows.cache
+        for tensor in [*cache.k, *cache.v, model.transformer.layers[0].mlp.dense_h_to_4h.weight]:
+            assert get_static_address_type(tensor) == "unguarded"
+        while engine.busy:
+            engine.step()
+    assert counters["frames"]["total"] == frames + 1  # compiled once, never recompiled
+    assert [r.outputs[0].ids for r in batch] == eager
+    assert engine.cudagraph_skips == 1
+    assert [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()] == [
+        "--cuda-graphs: torch.compile did not capture the decode step as a CUDA graph (it runs compiled "
+        "without one); TORCH_LOGS=cudagraphs names the reason"
+    ]
+
+
+def test_held_tensors_include_what_a_layer_keeps_on_its_kernel():
+    layer = nn.Linear(4, 3)
+    packed, scales = torch.zeros(6), torch.ones(3)
+    layer.kernel = SimpleNamespace(pack=(packed, scales, 64), bits=4, fused=True)  # a kernel's own copy
+    found = held_tensors(nn.Sequential(layer))
+    assert {id(t) for t in found} == {id(layer.weight), id(layer.bias), id(packed), id(scales)}

@@ -12,7 +12,7 @@ from torch import nn
 
 from glm.api import DEFAULT_MODEL
 from glm.checkpoint import CheckpointError, ShardedCheckpoint, save_checkpoint
-from glm.loading import load_model
+from glm.loading import check_device_dtype, load_model
 from glm.model import GLM, Linear, init_random_weights
 from glm.sharding import Split, merge_state_dicts, split_rule, split_state_dict, split_tensor
 from tests.conftest import tiny_config
@@ -173,3 +173,36 @@ def test_replicated_keys_that_differ_across_shards_are_an_error(full_state_dict,
     torch.save(data, path)
     with pytest.raises(CheckpointError, match="replicated tensor has shape"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "refused"),
+    [
+        ((7, 0), torch.bfloat16, True),  # V100
+        ((7, 5), torch.bfloat16, True),  # RTX 2080 Ti, T4
+        ((7, 0), torch.float16, False),
+        ((8, 0), torch.bfloat16, False),
+        ((9, 0), torch.bfloat16, False),
+    ],
+)
+def test_bfloat16_is_refused_on_a_gpu_below_sm_80(monkeypatch, capability, dtype, refused):
+    asked = []
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability
+    )
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if refused:
+        message = rf"^bfloat16 needs an sm_80 or newer GPU .*; cuda:1 is {sm}: use --dtype float16$"
+        with pytest.raises(ValueError, match=message):
+            check_device_dtype(dtype, torch.device("cuda", 1))
+        assert asked == [torch.device("cuda", 1)]
+    else:
+        check_device_dtype(dtype, torch.device("cuda", 1))
+    check_device_dtype(torch.bfloat16, torch.device("cpu"))  # the CPU: bf16 as asked
+
+
+def test_loading_bfloat16_on_a_v100_stops_before_reading_weights(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="sm_70: use --dtype float16"):
+        load_model(DEFAULT_MODEL, dtype="bfloat16", device="cuda")

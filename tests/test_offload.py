@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,9 @@ from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
 from glm.loading import load_model
 from glm.model import GLM, Linear, init_random_weights
 from glm.offload import Offload, OffloadError, parse_memory, plan_offload
+from glm.offload.planner import SLOT_ALIGN, aligned
+from glm.offload.stores import PinnedStore, pinned_bytes
+from glm.offload.streamer import WeightStreamer
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = GLMConfig(
@@ -410,6 +415,65 @@ def test_streamed_int4_layers_for_a_gpu_are_packed_once_and_laid_out_as_planned(
     assert len(builds) == len(plan.resident_units)  # the resident layers here compute on the CPU
 
 
+class _NoStream:
+    """A CUDA stream or event that does nothing: on the CPU every copy is done when it returns."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def wait_event(self, event: object) -> None:
+        pass
+
+    def record(self, stream: object = None) -> None:
+        pass
+
+
+def test_the_pinned_store_keeps_each_unit_in_one_exact_size_arena(checkpoint, monkeypatch):
+    """PinnedStore on the CPU (streams faked, plain memory for pinned): one allocation per unit of exactly
+    its buffer layout's size, each tensor a view at its slot offset, reused when sealed again; the logits
+    are bit-identical to the resident model's."""
+    for name in ("Stream", "Event"):
+        monkeypatch.setattr(torch.cuda, name, _NoStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    allocations: list[int] = []
+    freed: list[int] = []
+
+    def allocate(nbytes: int) -> tuple[Tensor, Callable[[], None]]:
+        allocations.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8), lambda: freed.append(nbytes)
+
+    def attach(model: GLM) -> GLM:
+        plan = plan_offload(model, "40%", torch.float32)
+        store = PinnedStore(torch.device("cpu"), plan.buffers, allocate)
+        model.offload = WeightStreamer(model, plan, torch.device("cpu"), store)
+        return model
+
+    reference, _ = load_model(checkpoint, dtype="float32")
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[attach])
+    streamer = offloaded.offload
+    arenas = streamer.store.arenas.by_unit
+    assert len(streamer.units) >= 8 and len(allocations) == len(arenas) == len(streamer.units)
+    for unit in streamer.units:
+        arena = arenas[unit.name]
+        entries = sorted(unit.entries, key=lambda e: e.slot_offset)
+        assert [e.name for e in entries] == ["weight", "bias"]
+        assert [e.slot_offset for e in entries] == [0, aligned(entries[0].nbytes, SLOT_ALIGN)]
+        assert arena.numel() == unit.nbytes == sum(aligned(e.nbytes, SLOT_ALIGN) for e in entries)
+        for entry in entries:
+            assert entry.stored.data_ptr() == arena.data_ptr() + entry.slot_offset
+            assert getattr(entry.owner, entry.name).data_ptr() == entry.stored.data_ptr()  # bound there
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        for a, b in zip(forward_passes(reference, ids), forward_passes(offloaded, ids), strict=True):
+            assert torch.equal(a, b)
+    unit = streamer.units[0]
+    before = [e.stored.data_ptr() for e in unit.entries]
+    streamer.store.seal(unit)  # sealed again: the same arena, nothing allocated
+    assert len(allocations) == len(streamer.units) and not freed
+    assert [e.stored.data_ptr() for e in unit.entries] == before
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_streamed_int4_layers_on_cuda_give_the_resident_models_logits(tmp_path):
@@ -427,3 +491,16 @@ def test_streamed_int4_layers_on_cuda_give_the_resident_models_logits(tmp_path):
     mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool, device="cuda")
     with torch.no_grad():
         assert torch.equal(resident(ids, positions, mask), offloaded(ids, positions, mask))
+
+
+def test_pinned_bytes_locks_exactly_the_bytes_asked_for():
+    nbytes = 3 * SLOT_ALIGN + 5  # far from a power of two
+    memory, release = pinned_bytes(nbytes)
+    assert memory.numel() == memory.untyped_storage().nbytes() == nbytes and memory.is_pinned()
+    assert memory[SLOT_ALIGN:].is_pinned()  # views (an arena's slots) too
+    memory.copy_(torch.arange(nbytes) % 251)
+    on_device = memory.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_device.cpu(), memory)
+    release()
+    assert not memory.is_pinned()

@@ -21,7 +21,7 @@ from glm.decoding.engine import Engine
 from glm.decoding.infill import prepare_query
 from glm.serve.protocol import parse_params
 from glm.serve.service import Service
-from tests.test_serve import MODEL, ROOT, free_port, get
+from tests.test_serve import MODEL, ROOT, free_port, get, post
 
 CASES = [
     ("Tsinghua University is located in [MASK].", {"temperature": 0, "max_tokens": 8}),
@@ -59,25 +59,31 @@ def alive(group: int) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def tp_server():
+def start_tp_server(program: list[str], **popen) -> tuple[subprocess.Popen, str]:
+    """glm-serve's `program` (after python) under torchrun on 2 ranks, once it answers /health."""
     port = free_port()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     launcher += ["--master-port", str(free_port())]
-    command = [*launcher, "-m", "glm.serve", "--port", str(port), "--max-length", "128"]
+    command = [*launcher, *program, "--port", str(port), "--max-length", "128"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    process = subprocess.Popen(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
         try:
             if get(f"{url}/health").status_code == 200:
-                break
+                return process, url
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 os.killpg(process.pid, signal.SIGKILL)
                 raise RuntimeError("the tensor-parallel glm-serve did not start") from None
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def tp_server():
+    process, url = start_tp_server(["-m", "glm.serve"])
     yield process, url
     with contextlib.suppress(ProcessLookupError):  # whatever is left of the job
         os.killpg(process.pid, signal.SIGKILL)
@@ -104,3 +110,44 @@ def test_tensor_parallel_server_answers_as_one_process(tp_server):
     while time.monotonic() < deadline and alive(process.pid):
         time.sleep(0.5)
     assert not alive(process.pid), "ranks left running after SIGTERM"
+
+
+# glm-serve whose decode step fails on rank 0 alone (as an out-of-memory error there would): rank 1, which
+# has the same plan, then waits inside the step's first collective for a rank 0 that never comes.
+FAILING_SERVER = """
+import os
+import sys
+
+from glm.decoding.engine import Engine
+from glm.serve import cli
+
+def step(self):
+    raise RuntimeError("injected fault on rank 0")
+
+if os.environ["RANK"] == "0":
+    Engine.step = step
+sys.argv[0] = "glm-serve"
+cli()
+"""
+
+
+def test_a_step_failing_on_rank_0_fails_the_request_and_stops_every_rank(tmp_path):
+    script, log = tmp_path / "failing_server.py", tmp_path / "stderr.txt"
+    script.write_text(FAILING_SERVER)
+    with log.open("w") as stderr:
+        process, url = start_tp_server([str(script)], stderr=stderr)
+    try:
+        reply = post(f"{url}/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 4})
+        assert reply.status_code == 500 and "injected fault on rank 0" in reply.json()["error"]["message"]
+        process.wait(timeout=60)  # not the 600 s of --distributed-timeout
+        err = log.read_text()
+        assert process.returncode != 0
+        stopped = "error: [rank 1] rank 0 failed, so the job stops: the engine failed: RuntimeError"
+        assert f"{stopped}: injected fault on rank 0" in err
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and alive(process.pid):
+            time.sleep(0.5)
+        assert not alive(process.pid), "ranks left running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

@@ -19,7 +19,7 @@ from torch import Tensor
 from glm.decoding.requests import Output, QueueFull, Request, TokenLogprobs, strategy_of
 from glm.decoding.rows import MAX_PREFILL_TOKENS, Prompt, Rows
 from glm.decoding.strategies import BaseStrategy, BeamSearchStrategy
-from glm.distributed import synchronized
+from glm.distributed import current, synchronized
 from glm.model import GLM
 from glm.query import PAD_TOKEN, context_inputs, generated_position
 
@@ -108,6 +108,11 @@ class Engine:
         request.cancelled = True
 
     @property
+    def cudagraph_skips(self) -> int:
+        """CUDA-graph captures torch.compile skipped for the decode step (with cuda_graphs; 0 otherwise)."""
+        return self.rows.cudagraph_skips
+
+    @property
     def busy(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 
@@ -161,6 +166,8 @@ class Engine:
             ends = itertools.accumulate(len(own) for own in prompts)
             return [logits[end - len(own) : end] for own, end in zip(prompts, ends, strict=True)]
         except Exception as error:
+            if current().tensor_parallel_size > 1:
+                raise  # the other ranks may be waiting inside this forward: no rank may go on alone
             if len(prompts) == 1:
                 return [error]
         results: list[list[Tensor] | Exception] = []  # the batch failed: isolate the bad request
@@ -312,6 +319,16 @@ class Engine:
         request.outputs = outputs
         if request.on_finish is not None:
             request.on_finish(request)
+
+    def fail_all(self, error: Exception) -> None:
+        """Finish every running and waiting request with `error`, without another step (the model can no
+        longer run: a tensor-parallel step failed)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in [*self.running, *waiting]:
+            request.error = error
+            self._release(request)
+            self._finish(request, [])
 
     # ---- the step
 

@@ -19,13 +19,16 @@ padding is seen by no one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from glm.model import GLM
+
+log = logging.getLogger("glm.decoding")
 
 MAX_PREFILL_TOKENS = 4096  # padded tokens (batch x longest prompt) per prefill forward
 
@@ -52,6 +55,29 @@ def prefill_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def held_tensors(model: nn.Module) -> list[Tensor]:
+    """The tensors a forward of `model` reads that stay where they are: parameters, buffers, and what a
+    layer keeps on a helper object (a quantized layer's kernel packs its weight once, on first use), which
+    torch.compile sees only as some Python object's attribute."""
+    found = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        for value in vars(module).values():
+            helper = getattr(value, "__dict__", None)
+            if isinstance(value, (Tensor, nn.Module)) or not isinstance(helper, dict):
+                continue
+            for item in helper.values():
+                items = item if isinstance(item, tuple) else (item,)
+                found.extend(t for t in items if isinstance(t, Tensor))
+    return found
+
+
+def cudagraph_skips() -> int:
+    """CUDA-graph captures torch.compile skipped so far in this process (its inductor counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 class RowCache:
@@ -94,6 +120,12 @@ class Rows:
     `compile` compiles the decode step with torch.compile (static shapes: every step attends to all
     `max_length` positions); `cuda_graphs` compiles it with mode="reduce-overhead" (CUDA graphs, GPU only).
     Without either, an eager step attends only to the positions written so far (rounded up to 32).
+
+    A compiled engine's first decode step runs eagerly, so that every layer prepares its kernel (packed
+    weights, a native extension) outside the compiled region; then every tensor the step reads and the
+    cache it writes are marked static (CUDA graphs neither copy them in nor skip the capture because an
+    input is mutated). A capture torch.compile skips all the same is counted in `cudagraph_skips` and logged
+    once.
     """
 
     def __init__(
@@ -113,6 +145,9 @@ class Rows:
         self.visible = torch.zeros(groups, width, max_length, width, dtype=torch.bool, device=self.device)
         self.rows = torch.arange(width, device=self.device)
         self.static = compile or cuda_graphs
+        self.cuda_graphs = cuda_graphs
+        self.cudagraph_skips = 0  # captures torch.compile skipped for this step (cuda_graphs only)
+        self._warm = not self.static  # a compiled step is first run eagerly
         self._step = self._decode
         if self.static:
             mode = "reduce-overhead" if cuda_graphs else "default"
@@ -224,4 +259,22 @@ class Rows:
         self.cache._bound = bound
         mask = ~self.visible[:, :, :bound].reshape(self.groups, 1, self.width, bound * self.width)
         index = (columns * self.width + self.rows)[:, None, :, None]  # [G, 1, W, 1]
-        return self._step(tokens, positions, index, mask)
+        if not self._warm:
+            logits = self._decode(tokens, positions, index, mask)  # lazy preparation happens here
+            for tensor in [*self.cache.k, *self.cache.v, *held_tensors(self.model)]:
+                torch._dynamo.mark_static_address(tensor)
+            self._warm = True
+            return logits
+        if not self.cuda_graphs:
+            return self._step(tokens, positions, index, mask)
+        # The counter is the process's: a skip while this call compiles is this step's.
+        before = cudagraph_skips()
+        logits = self._step(tokens, positions, index, mask)
+        if skipped := cudagraph_skips() - before:
+            if not self.cudagraph_skips:
+                log.warning(
+                    "--cuda-graphs: torch.compile did not capture the decode step as a CUDA graph (it runs "
+                    "compiled without one); TORCH_LOGS=cudagraphs names the reason"
+                )
+            self.cudagraph_skips += skipped
+        return logits

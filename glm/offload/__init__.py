@@ -8,7 +8,8 @@ everything it holds: weight, bias, quantization scales, packed bytes) as fit, la
 and streams the rest, one matrix at a time, through buffers the size of the largest one (two by default):
 while one matrix computes, the next ones are copied into the other buffers.
 
-- On CUDA the streamed matrices live in pinned CPU memory and are copied on a second stream.
+- On CUDA the streamed matrices live in pinned CPU memory (one exact-size page-locked block per matrix, laid
+  out as in a buffer) and are copied on a second stream.
 - On a CPU-only machine they are written once, while loading, to a file in an offload folder (the compute
   dtype, or the packed quantized bytes) and read back by background threads with `pread`; the pages are
   dropped from the page cache after each read, so neither the process nor the page cache holds more than

@@ -4,8 +4,8 @@
   by background threads with `pread` (O_DIRECT where the file system allows), pages dropped after reads.
 - `PinnedStore` (CUDA): pinned CPU memory, copied into the buffers on a second stream.
 
-Both take `put` (while loading), `release`, `fetch` (into a buffer), `wait` (before the buffer is used),
-`settle` (before it is refilled) and `slot_free` (after it was used).
+Both take `put` (while loading), `release`, `seal` (a unit is loaded), `fetch` (into a buffer), `wait`
+(before the buffer is used), `settle` (before it is refilled) and `slot_free` (after it was used).
 """
 
 from __future__ import annotations
@@ -176,6 +176,9 @@ class DiskStore:
     def slot_free(self, slot_index: int) -> None:  # the compute thread waits for a unit before using it
         pass
 
+    def seal(self, unit: Unit) -> None:  # each tensor went to the file as it arrived
+        pass
+
 
 def _filesystem(folder: Path) -> str | None:
     """The file system type of the mount holding `folder` (Linux), or None when unknown."""
@@ -206,22 +209,89 @@ def _close_and_remove(fd: int, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-class PinnedStore:
-    """Streamed tensors in pinned CPU memory, copied to the GPU on a copy stream."""
+def pin(memory: Tensor) -> Callable[[], None]:
+    """Page-lock exactly the bytes of a CPU tensor (contiguous, its own storage) and return what unlocks
+    them. torch's pinned allocator (`pin_memory=True`) would round the block up to a power of two: 40 GiB of
+    streamed weights would lock 64."""
+    cudart = torch.cuda.cudart()
+    address = memory.data_ptr()
+    status = int(cudart.cudaHostRegister(address, memory.nbytes, 0))
+    if status != 0:
+        raise OffloadError(
+            f"could not page-lock {memory.nbytes} bytes for offload (CUDA error {status}): lower "
+            "--max-memory's share of streamed weights, or raise the locked-memory limit (ulimit -l)"
+        )
+    return lambda: cudart.cudaHostUnregister(address)
 
-    def __init__(self, device: torch.device, buffers: int) -> None:
+
+def pinned_bytes(nbytes: int) -> tuple[Tensor, Callable[[], None]]:
+    """`nbytes` of page-locked CPU memory (uint8) in one allocation, and what unlocks it."""
+    memory = torch.empty(nbytes, dtype=torch.uint8)
+    return memory, (pin(memory) if nbytes else lambda: None)
+
+
+class Arenas:
+    """One allocation per unit, exactly its size in a buffer, holding its tensors laid out as in a buffer
+    (each at its slot offset); a unit sealed again reuses its arena where it still fits.
+
+    `allocate(nbytes)` gives the memory (uint8) and what frees it beyond dropping the tensor (unpinning)."""
+
+    def __init__(self, allocate: Callable[[int], tuple[Tensor, Callable[[], None]]]) -> None:
+        self.allocate = allocate
+        self.by_unit: dict[str, Tensor] = {}
+        self._release: dict[str, Callable[[], None]] = {}
+
+    def seal(self, unit: Unit) -> None:
+        """Copy the unit's tensors into its arena; each entry's `stored` becomes its view there."""
+        arena = self.by_unit.get(unit.name)
+        new = arena is None or arena.numel() < unit.nbytes
+        if new:
+            arena, release = self.allocate(unit.nbytes)
+        for entry in unit.entries:
+            view = slot_view(arena, entry.slot_offset, entry.stored)
+            if view.data_ptr() != entry.stored.data_ptr():  # not there yet (new arena, or a new tensor)
+                view.copy_(entry.stored)
+            entry.stored = view
+        if new:  # the old arena only now: the copies above may have read from it
+            self.free(unit.name)
+            self.by_unit[unit.name], self._release[unit.name] = arena, release
+
+    def free(self, name: str) -> None:
+        self.by_unit.pop(name, None)
+        self._release.pop(name, lambda: None)()
+
+    def free_all(self) -> None:
+        for name in list(self.by_unit):
+            self.free(name)
+
+
+class PinnedStore:
+    """Streamed tensors in pinned CPU memory, copied to the GPU on a copy stream: while loading, a unit's
+    tensors stay where the loader put them; once it is loaded (`seal`) they move into its arena, one
+    exact-size pinned allocation (Arenas)."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        buffers: int,
+        allocate: Callable[[int], tuple[Tensor, Callable[[], None]]] = pinned_bytes,
+    ) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.ready = [torch.cuda.Event() for _ in range(buffers)]
         self.free = [torch.cuda.Event() for _ in range(buffers)]
+        self.arenas = Arenas(allocate)
+        # unpinned before the arenas go (the finalizer holds them): a view outliving the store stays valid
+        weakref.finalize(self, self.arenas.free_all)
 
     def put(self, entry: Entry, value: Tensor) -> None:
-        pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        pinned.copy_(value)
-        entry.stored, entry.nbytes = pinned, pinned.numel() * pinned.element_size()
+        entry.stored, entry.nbytes = value, value.numel() * value.element_size()
 
     def release(self, entry: Entry) -> None:
         pass
+
+    def seal(self, unit: Unit) -> None:
+        self.arenas.seal(unit)
 
     def fetch(self, unit: Unit, slot: Tensor, slot_index: int) -> torch.cuda.Event:
         with torch.cuda.stream(self.stream):

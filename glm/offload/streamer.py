@@ -64,6 +64,8 @@ class WeightStreamer:
             if original_finish is not None:
                 original_finish()
             self._stash(unit)
+            self.store.seal(unit)  # the unit is complete: the store may now lay it out for good
+            unit.bind(lambda e: e.stored)
             for entry in unit.entries:
                 self.store.release(entry)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from glm.api import load_from_args, run_cli
 from glm.cli.serve import build_parser
@@ -59,8 +60,16 @@ def main(args: argparse.Namespace) -> int:
         service.follow()
         return 0
     app = create_app(service, api_key=args.api_key or os.environ.get("GLM_API_KEY"))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=600)
-    return 0
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=600
+    )
+    server = uvicorn.Server(config)
+    service.on_failure = lambda: setattr(server, "should_exit", True)  # from the engine thread
+    server.run()
+    if service.failure is not None:
+        print(f"error: the engine failed, so the server stopped: {service.failure}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3  # uvicorn.run's status when the server did not start
 
 
 def cli() -> None:

@@ -67,6 +67,10 @@ class Service:
         self._specs: dict[Request, tuple] = {}  # what the other ranks need to build the same request
         self._wake = threading.Event()
         self._stop = False
+        # An engine loop that fails stops the server (under tensor parallelism the other ranks may be
+        # waiting inside the step that failed): the error, and what stops the HTTP server.
+        self.failure: Exception | None = None
+        self.on_failure: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
 
     def start(self) -> None:
@@ -84,6 +88,12 @@ class Service:
         return incoming, cancelled
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as error:  # under tensor parallelism a step or the plan's broadcast (a lost rank)
+            self._fail(error)
+
+    def _serve(self) -> None:
         uid: dict[Request, int] = {}
         while True:
             incoming, cancelled = self._plan()
@@ -104,13 +114,30 @@ class Service:
             self._apply(incoming, cancelled)
             try:
                 self.engine.step()
-            except Exception as error:  # the model failed: fail what runs, keep serving
-                log.exception("decode step failed")
+            except Exception as error:
+                if self.distributed:
+                    raise  # the other ranks may be waiting anywhere inside this step: the job stops
+                log.exception("decode step failed")  # fail what runs, keep serving
                 for request in list(self.engine.running):
                     request.error = error
                     self.engine.cancel(request)
             for request in incoming:
                 self._specs.pop(request, None)
+
+    def _fail(self, error: Exception) -> None:
+        """The engine loop cannot go on: every request fails (their clients hear first), every other rank
+        is told to exit, the server stops."""
+        log.exception("the engine failed: the server stops")
+        with self._lock:
+            self.failure = error
+            incoming, self._incoming = self._incoming, []
+        self.engine.fail_all(error)
+        for request in incoming:  # not handed to the engine yet
+            request.error, request.outputs = error, []
+            if request.on_finish is not None:
+                request.on_finish(request)
+        distributed.stop_job(f"the engine failed: {type(error).__name__}: {error}")
+        self.on_failure()
 
     def _apply(self, incoming: list[Request], cancelled: list[Request]) -> None:
         for request in incoming:
@@ -147,6 +174,8 @@ class Service:
         except ValueError as error:
             raise BadRequest(str(error), "max_tokens") from None
         with self._lock:
+            if self.failure is not None:
+                raise BadRequest(f"the server is stopping: the engine failed ({self.failure})", None, 503)
             waiting = len(self.engine.waiting) + len(self._incoming)
             if self.max_queue and waiting >= self.max_queue:
                 raise BadRequest(f"the server is busy ({waiting} requests waiting); retry later", None, 429)
