@@ -493,6 +493,8 @@ def test_streamed_int4_layers_on_cuda_give_the_resident_models_logits(tmp_path):
         assert torch.equal(resident(ids, positions, mask), offloaded(ids, positions, mask))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pinned_bytes_locks_exactly_the_bytes_asked_for():
     nbytes = 3 * SLOT_ALIGN + 5  # far from a power of two
     memory, release = pinned_bytes(nbytes)
