@@ -26,9 +26,9 @@ torch). The names below are imported on first use (PEP 562), so the torch-free o
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from glm.lazy import lazy_exports
 from glm.sizes import format_bytes, parse_memory
 
 if TYPE_CHECKING:
@@ -65,14 +65,4 @@ __all__ = [
     "tensor_bytes",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'glm.offload' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
