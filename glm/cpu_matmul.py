@@ -32,7 +32,7 @@ _kernels: list[ModuleType | None] = []  # filled on first use (a plain global: t
 def native() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (then F.linear does everything)."""
     if not _kernels:
-        _kernels.append(load_extension("glm_cpu_matmul", Path(__file__).with_name("cpu_matmul.cpp")))
+        _kernels.append(load_extension("glm_cpu_kernels", Path(__file__).parent / "kernels" / "module.cpp"))
     return _kernels[0]
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glm import cpu_decode
 from glm.config import GLMConfig
 from glm.cpu_matmul import linear
 
@@ -190,6 +191,8 @@ class GLMBlock(nn.Module):
         self.mlp = GeGLU(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Cache | None) -> Tensor:
+        if cpu_decode.applies(self, x, mask, Linear):  # a few rows on the CPU: glm/cpu_decode.py
+            return cpu_decode.block_forward(self, x, cos, sin, mask, cache)
         a = self.input_layernorm(x)
         h = self.alpha * a + self.attention(a, cos, sin, mask, cache)
         m = self.post_attention_layernorm(h)

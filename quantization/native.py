@@ -5,8 +5,10 @@ reused by every later process with the same source and flags. Without a compiler
 GLM_NATIVE=0 the callers fall back to torch's own ops, so the project runs everywhere; only the speed differs.
 
 `GLM_NATIVE_ISA` picks the kernels' instruction set instead of the best one this CPU has: `none` (torch's
-ops), `avx2` (the AVX2 + FMA + F16C build, today the only one). Tests run with each value the machine
-supports, so one machine checks every path it can take.
+ops), `avx2` (AVX2 + FMA + F16C), `avx512` (AVX-512 F, BW, VL, DQ beside those, as torch's own "AVX512"
+capability requires). Each build is its own module (`<name>_<isa>`), compiled from the same source: the
+kernels are written once against glm/kernels/simd.h, which maps them to the build's vector width. Tests
+run with each value the machine supports, so one machine checks every path it can take.
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ from types import ModuleType
 import torch
 
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-
-
-ISAS = ("avx2",)  # the builds of the kernels, best last
+ISA_FLAGS = {
+    "avx2": AVX2_FLAGS,
+    "avx512": [*AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+ISAS = tuple(ISA_FLAGS)  # the builds of the kernels, best last
+_CAPABILITY_ISAS = {"AVX2": ["avx2"], "AVX512": ["avx2", "avx512"]}  # torch's name for the CPU's best
 
 
 def has_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return torch.backends.cpu.get_cpu_capability() in _CAPABILITY_ISAS
 
 
 def supported_isas() -> list[str]:
-    """The kernel builds this CPU can run."""
-    return list(ISAS) if has_avx2() else []  # every build needs AVX2 (today's one is AVX2)
+    """The kernel builds this CPU can run, best last."""
+    return list(_CAPABILITY_ISAS.get(torch.backends.cpu.get_cpu_capability(), []))
 
 
 def selected_isa() -> str | None:
@@ -52,9 +57,12 @@ def selected_isa() -> str | None:
 
 @functools.cache
 def load_extension(name: str, source: Path) -> ModuleType | None:
-    """The compiled module built from `source` (AVX2 + FMA + F16C), or None where it cannot be built."""
-    if selected_isa() is None:
+    """The module built from `source` for the selected instruction set (headers next to it are found),
+    or None where it cannot be built."""
+    isa = selected_isa()
+    if isa is None:
         return None
+    name = f"{name}_{isa}"
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
@@ -63,7 +71,8 @@ def load_extension(name: str, source: Path) -> ModuleType | None:
         return load(
             name=name,
             sources=[str(source)],
-            extra_cflags=AVX2_FLAGS,
+            extra_include_paths=[str(source.parent)],
+            extra_cflags=ISA_FLAGS[isa],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

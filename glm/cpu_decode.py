@@ -1,0 +1,106 @@
+"""The fused decode block (glm/kernels/decode_block.h): a GLM block for a few fp32 rows in two native calls.
+
+A decode step of a small model is bound by the small ops between its matmuls, not by the matmuls: the
+bundled 17 M model spent 2.4 of its 5.9 ms a step outside them (bench/results/engine.md). `block_forward`
+runs LayerNorm, the qkv matmul and rotary in one call, lets the cache write the new keys and values as it
+always does (`Cache.update`, any layout), and runs attention, the dense matmul, the residuals, the second
+LayerNorm and GeGLU in a second call. It applies where the block is plain (its linears untransformed:
+not quantized, not tensor-parallel, no hooks), the activations are fp32 on the CPU, the rows few
+(<= NATIVE_MAX_ROWS), no autograd graph is recorded and torch.compile is not tracing; elsewhere
+GLMBlock.forward runs the modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from glm.cpu_matmul import NATIVE_MAX_ROWS, native
+
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _plain_linear(linear: nn.Module, linear_type: type) -> bool:
+    weight, bias = linear.weight, linear.bias
+    return (
+        type(linear) is linear_type  # a subclass (a quantized layer) computes differently
+        and linear.reduce is None
+        and not linear._forward_pre_hooks
+        and not linear._forward_hooks
+        and weight.dtype in _WEIGHT_DTYPES
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and weight.shape[1] % 8 == 0
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+    )
+
+
+def applies(block: Any, x: Tensor, mask: Tensor, linear_type: type) -> bool:
+    """Whether `block_forward` computes this block (a glm.model.GLMBlock, whose untransformed linears are
+    `linear_type`) for x [b, s, h] and the float attention bias `mask`. Cheap checks first: it is asked
+    once per layer and step."""
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or x.dim() != 3
+        or x.shape[0] * x.shape[1] > NATIVE_MAX_ROWS
+        or mask.dtype != torch.float32
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or torch.compiler.is_compiling()
+        or native() is None
+    ):
+        return False
+    attention, mlp = block.attention, block.mlp
+    if attention.head_dim % 8 or (torch.is_grad_enabled() and _any_grad(block)):
+        return False
+    norms = (block.input_layernorm, block.post_attention_layernorm)
+    return all(
+        _plain_linear(m, linear_type)
+        for m in (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    ) and all(
+        type(n) is nn.LayerNorm
+        and n.weight is not None
+        and n.weight.dtype == torch.float32
+        and n.bias is not None
+        for n in norms
+    )
+
+
+def _any_grad(block: nn.Module) -> bool:
+    return any(p.requires_grad for p in block.parameters())
+
+
+def block_forward(block: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Any) -> Tensor:
+    """The block's output for x [b, s, h] (as GLMBlock.forward computes it), through the native kernels."""
+    kernels = native()
+    attention, mlp = block.attention, block.mlp
+    ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+    qkv_layer, dense, up, down = (
+        attention.query_key_value,
+        attention.dense,
+        mlp.dense_h_to_4h,
+        mlp.dense_4h_to_h,
+    )
+    b, s, _ = x.shape
+    nh, hn = attention.num_heads, attention.head_dim
+    cos, sin = cos.reshape(b * s, hn).contiguous(), sin.reshape(b * s, hn).contiguous()
+    norm1 = (ln1.weight, ln1.bias, ln1.eps)
+    a, qkv = kernels.attention_input(x.contiguous(), *norm1, qkv_layer.weight, qkv_layer.bias, cos, sin, nh)
+    heads = qkv.view(b, s, nh, 3, hn)
+    k, v = heads[:, :, :, 1].transpose(1, 2), heads[:, :, :, 2].transpose(1, 2)  # [b, nh, s, hn]
+    if cache is not None:
+        k, v = cache.update(attention.layer_id, k, v)
+    linears = (
+        dense.weight,
+        dense.bias,
+        ln2.weight,
+        ln2.bias,
+        ln2.eps,
+        up.weight,
+        up.bias,
+        down.weight,
+        down.bias,
+    )
+    return kernels.attention_output(a, qkv, k, v, mask, block.alpha, *linears, nh)

@@ -1,0 +1,144 @@
+// The dense CPU kernels' Python module (built by glm/cpu_matmul.py through quantization/native.py, once
+// per instruction set): `linear` for decode-sized matmuls (gemv.h) and the fused decode block
+// (decode_block.h). Shapes and dtypes are checked here; glm/cpu_matmul.py and glm/model.py decide when a
+// call applies.
+
+#include <torch/extension.h>
+
+#include "decode_block.h"
+#include "gemv.h"
+
+namespace {
+
+void check_weight(const torch::Tensor& w, int64_t k, const char* name) {
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == k, name, ": [N, ", k, "], contiguous");
+  TORCH_CHECK(k % 8 == 0, name, ": K must be a multiple of 8");
+}
+
+const float* float_data(const c10::optional<torch::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->dtype() == torch::kFloat && t->is_contiguous() && t->numel() == n, name, ": float32 [", n,
+              "], contiguous");
+  return t->data_ptr<float>();
+}
+
+// y [m, N] = x [m, K] w^T (+ bias), w fp32, fp16 or bf16.
+void linear_into(const float* x, const torch::Tensor& w, const float* bias, float* y, int64_t m) {
+  const int64_t n = w.size(0), k = w.size(1);
+  switch (w.scalar_type()) {
+    case torch::kFloat: gemv::matmul(x, w.data_ptr<float>(), bias, y, m, k, n); break;
+    case torch::kHalf: gemv::matmul(x, w.data_ptr<at::Half>(), bias, y, m, k, n); break;
+    case torch::kBFloat16: gemv::matmul(x, w.data_ptr<at::BFloat16>(), bias, y, m, k, n); break;
+    default: TORCH_CHECK(false, "weight must be float32, float16 or bfloat16");
+  }
+}
+
+torch::Tensor rows_of(const torch::Tensor& x, int64_t width, const char* name) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() >= 1 && x.size(-1) == width, name,
+              ": float32 [..., ", width, "], contiguous");
+  return x;
+}
+
+}  // namespace
+
+// x [..., K] (any leading dims, M rows in all) -> y [..., N]: no reshapes around the call.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "x: float32 [..., K]");
+  const int64_t k = x.size(-1);
+  rows_of(x, k, "x");
+  check_weight(weight, k, "weight");
+  const int64_t m = k ? x.numel() / k : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = weight.size(0);
+  auto y = torch::empty(sizes, x.options());
+  linear_into(x.data_ptr<float>(), weight, float_data(bias, weight.size(0), "bias"), y.data_ptr<float>(), m);
+  return y;
+}
+
+// a = LayerNorm(x); qkv = a W^T + b, per head [q | k | v], with rotary applied to q and k (cos, sin [R, hn]).
+std::vector<torch::Tensor> attention_input(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
+                                           double eps, const torch::Tensor& qkv_w,
+                                           const c10::optional<torch::Tensor>& qkv_b, const torch::Tensor& cos,
+                                           const torch::Tensor& sin, int64_t heads) {
+  const int64_t h = x.size(-1), rows = x.numel() / h, width = qkv_w.size(0), hn = width / (3 * heads);
+  rows_of(x, h, "x");
+  check_weight(qkv_w, h, "qkv weight");
+  TORCH_CHECK(width == 3 * heads * hn && hn % 2 == 0, "qkv weight: 3 x heads x head_dim rows");
+  rows_of(cos, hn, "cos");
+  rows_of(sin, hn, "sin");
+  TORCH_CHECK(cos.numel() == rows * hn && sin.numel() == rows * hn, "cos, sin: one row per token");
+  const float* w = float_data(ln_w, h, "layernorm weight");
+  const float* b = float_data(ln_b, h, "layernorm bias");
+  auto a = torch::empty_like(x);
+  auto qkv_sizes = x.sizes().vec();
+  qkv_sizes.back() = width;
+  auto qkv = torch::empty(qkv_sizes, x.options());
+  float* ap = a.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    block::layer_norm(x.data_ptr<float>() + r * h, w, b, static_cast<float>(eps), h, ap + r * h);
+  float* q = qkv.data_ptr<float>();
+  linear_into(ap, qkv_w, float_data(qkv_b, width, "qkv bias"), q, rows);
+  std::vector<float> scratch(hn);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < heads; ++n)
+      for (int64_t part = 0; part < 2; ++part)  // q, k
+        block::rotary(q + r * width + (n * 3 + part) * hn, cos.data_ptr<float>() + r * hn,
+                      sin.data_ptr<float>() + r * hn, hn, scratch.data());
+  return {a, qkv};
+}
+
+// The rest of the block for a [G, W, h] and attention_input's qkv: attention of each row over the first
+// `length` = keys.size(2) columns of keys / values [G, nh, length, hn] with an additive bias [G or 1, 1, W,
+// length], then h = alpha a + dense(ctx); m = LayerNorm(h); out = alpha m + down(GeGLU(up(m))).
+torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv, const torch::Tensor& keys,
+                               const torch::Tensor& values, const torch::Tensor& bias, double alpha,
+                               const torch::Tensor& dense_w, const c10::optional<torch::Tensor>& dense_b,
+                               const torch::Tensor& ln_w, const torch::Tensor& ln_b, double eps,
+                               const torch::Tensor& up_w, const c10::optional<torch::Tensor>& up_b,
+                               const torch::Tensor& down_w, const c10::optional<torch::Tensor>& down_b,
+                               int64_t heads) {
+  TORCH_CHECK(a.dim() == 3, "a: [G, W, h]");
+  const int64_t groups = a.size(0), width = a.size(1), h = a.size(2), rows = groups * width;
+  const int64_t hn = qkv.size(-1) / (3 * heads), length = keys.size(2), f = down_w.size(1);
+  rows_of(a, h, "a");
+  rows_of(qkv, 3 * heads * hn, "qkv");
+  for (const auto* t : {&keys, &values})
+    TORCH_CHECK(t->dtype() == torch::kFloat && t->dim() == 4 && t->size(0) == groups && t->size(1) == heads &&
+                    t->size(2) == length && t->size(3) == hn && t->stride(3) == 1,
+                "keys, values: float32 [G, heads, length, head_dim], unit last stride");
+  TORCH_CHECK(bias.dtype() == torch::kFloat && bias.dim() == 4 && bias.size(-1) == length, "bias: float32 [G, 1, W, length]");
+  const auto full_bias = bias.expand({groups, 1, width, length});
+  TORCH_CHECK(full_bias.stride(3) == 1, "bias: unit last stride");
+  check_weight(dense_w, heads * hn, "dense weight");
+  TORCH_CHECK(dense_w.size(0) == h, "dense weight: [h, heads x head_dim]");
+  check_weight(up_w, h, "up weight");
+  check_weight(down_w, f, "down weight");
+  TORCH_CHECK(up_w.size(0) == 2 * f && down_w.size(0) == h, "up [2F, h] and down [h, F] weights");
+  auto view = [](const torch::Tensor& t) {
+    return block::Strided4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+  };
+  std::vector<float> ctx(rows * heads * hn), hidden(rows * h), up(rows * 2 * f), gated(rows * f);
+  block::attention(qkv.data_ptr<float>(), rows, width, heads, hn, view(keys), view(values), view(full_bias), length,
+                   ctx.data());
+  linear_into(ctx.data(), dense_w, float_data(dense_b, h, "dense bias"), hidden.data(), rows);
+  const float al = static_cast<float>(alpha);
+  const float* ap = a.data_ptr<float>();
+  auto out = torch::empty_like(a);
+  float* m = out.data_ptr<float>();  // holds m until the last step turns it into the output
+  const float* w = float_data(ln_w, h, "layernorm weight");
+  const float* b = float_data(ln_b, h, "layernorm bias");
+  for (int64_t i = 0; i < rows * h; ++i) hidden[i] += al * ap[i];
+  for (int64_t r = 0; r < rows; ++r) block::layer_norm(hidden.data() + r * h, w, b, static_cast<float>(eps), h, m + r * h);
+  linear_into(m, up_w, float_data(up_b, 2 * f, "up bias"), up.data(), rows);
+  for (int64_t r = 0; r < rows; ++r) block::geglu(up.data() + r * 2 * f, f, gated.data() + r * f);
+  linear_into(gated.data(), down_w, float_data(down_b, h, "down bias"), hidden.data(), rows);
+  for (int64_t i = 0; i < rows * h; ++i) m[i] = al * m[i] + hidden[i];
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x W^T (+ bias) for a few fp32 rows; fp32, fp16 or bf16 weights", py::arg("x"),
+        py::arg("weight"), py::arg("bias") = py::none());
+  m.def("attention_input", &attention_input, "LayerNorm, qkv matmul and rotary of a GLM block (decode)");
+  m.def("attention_output", &attention_output, "attention, dense, residuals, LayerNorm and GeGLU (decode)");
+}

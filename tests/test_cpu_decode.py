@@ -1,0 +1,121 @@
+"""glm.cpu_decode: the fused native decode block equals the modules' float64 math; it applies only to plain
+blocks, and a masked key is never read."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from tolerance import assert_fp32_close
+
+from glm import cpu_decode
+from glm.cpu_matmul import native
+from glm.model import GLM, KVCache, Linear, init_random_weights, rotary_tables
+
+needs_native = pytest.mark.skipif(native() is None, reason="no AVX2 or no compiler: the modules run")
+
+
+def random_block(dtype: torch.dtype, seed: int = 0):
+    """A block of tiny_config with non-trivial weights (layer norms and biases random too), its linears'
+    weights stored in `dtype`."""
+    config = tiny_config(num_layers=1)
+    model = init_random_weights(GLM(config), seed=seed, std=0.3)
+    generator = torch.Generator().manual_seed(seed + 1)
+    block = model.transformer.layers[0]
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5 + (name.endswith("weight")))
+        for module in block.modules():
+            if isinstance(module, Linear):
+                module.weight.data = module.weight.data.to(dtype)
+    return config, block
+
+
+def inputs(config, batch: int, width: int, cached: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    nh, hn = config.num_attention_heads, config.head_dim
+    x = torch.randn(batch, width, config.hidden_size, generator=generator)
+    positions = torch.randint(0, 60, (batch, width), generator=generator)
+    cos, sin = rotary_tables(positions, hn, config.rotary_base, False, torch.float32)
+    keys = torch.randn(batch, nh, cached, hn, generator=generator)
+    values = torch.randn(batch, nh, cached, hn, generator=generator)
+    masked = torch.rand(batch, 1, width, cached + width, generator=generator) < 0.3
+    masked[..., cached:] = ~torch.eye(width, dtype=torch.bool)  # each new token sees itself
+    bias = torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
+    return x, cos, sin, keys, values, bias
+
+
+def cache_of(keys, values, width: int, dtype: torch.dtype) -> KVCache:
+    batch, nh, cached, hn = keys.shape
+    k = torch.zeros(batch, nh, cached + width, hn, dtype=dtype)
+    v = torch.zeros_like(k)
+    k[:, :, :cached], v[:, :, :cached] = keys, values
+    cache = KVCache([k], [v])
+    cache.length = cached
+    return cache
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "width", "cached"), [(1, 1, 0), (1, 1, 37), (3, 1, 5), (2, 4, 9), (1, 16, 3)]
+)
+def test_fused_block_equals_the_float64_modules(dtype, batch, width, cached):
+    config, block = random_block(dtype, seed=batch * 100 + width)
+    x, cos, sin, keys, values, bias = inputs(config, batch, width, cached, seed=cached)
+    cache = cache_of(keys, values, width, torch.float32)
+    with torch.no_grad():
+        assert cpu_decode.applies(block, x, bias, Linear)
+        got = block(x, cos, sin, bias, cache)
+        reference = copy.deepcopy(block).double()  # the same stored weights, widened
+        expected_cache = cache_of(keys.double(), values.double(), width, torch.float64)
+        expected = reference(x.double(), cos.double(), sin.double(), bias.double(), expected_cache)
+    reduction = max(config.hidden_size, config.inner_hidden_size, cached + width)
+    assert_fp32_close(got, expected.float(), reduction, depth=3)  # attention, dense, MLP
+    for written, want in ((cache.k[0], expected_cache.k[0]), (cache.v[0], expected_cache.v[0])):
+        assert_fp32_close(written, want.float(), config.hidden_size)  # the new keys (rotary) and values
+
+
+@needs_native
+def test_a_masked_key_is_never_read():
+    config, block = random_block(torch.float32)
+    x, cos, sin, keys, values, bias = inputs(config, 2, 1, 12, seed=3)
+    bias[..., 4:9] = float("-inf")
+    poisoned_keys, poisoned_values = keys.clone(), values.clone()
+    poisoned_keys[:, :, 4:9], poisoned_values[:, :, 4:9] = float("nan"), float("inf")
+    with torch.no_grad():
+        got = block(x, cos, sin, bias, cache_of(poisoned_keys, poisoned_values, 1, torch.float32))
+        expected = block(x, cos, sin, bias, cache_of(keys, values, 1, torch.float32))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@needs_native
+def test_it_applies_only_to_plain_blocks_and_few_rows():
+    config, block = random_block(torch.float16)
+    x, _, _, _, _, bias = inputs(config, 1, 1, 4, seed=0)
+    assert not cpu_decode.applies(block, x, bias, Linear)  # parameters that want gradients, recorded
+    with torch.no_grad():
+        assert cpu_decode.applies(block, x, bias, Linear)
+        assert not cpu_decode.applies(block, torch.randn(1, 17, config.hidden_size), bias, Linear)  # prefill
+        assert not cpu_decode.applies(block, x.double(), bias, Linear)
+        assert not cpu_decode.applies(block, x, bias > 0, Linear)  # a bool mask: the modules' SDPA
+    block.requires_grad_(False)
+    assert cpu_decode.applies(block, x, bias, Linear)  # inference with grad mode on
+    assert not cpu_decode.applies(block, x.clone().requires_grad_(), bias, Linear)
+    handle = block.mlp.dense_4h_to_h.register_forward_pre_hook(lambda *_: None)  # as offload's streaming
+    assert not cpu_decode.applies(block, x, bias, Linear)
+    handle.remove()
+    block.attention.dense.reduce = lambda t: t  # tensor parallelism's row-parallel layer
+    assert not cpu_decode.applies(block, x, bias, Linear)
+    block.attention.dense.reduce = None
+    assert cpu_decode.applies(block, x, bias, Linear)
+
+    class Quantized(Linear):  # a transform's subclass computes its own way
+        pass
+
+    block.mlp.dense_h_to_4h.__class__ = Quantized
+    assert not cpu_decode.applies(block, x, bias, Linear)
