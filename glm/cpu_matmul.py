@@ -21,7 +21,8 @@ from torch import Tensor
 
 from quantization.native import load_extension
 
-# Rows up to which the native loop beats MKL on the measured machines (bench/cpu_matmul.py).
+# Rows up to which the fused decode block applies (glm/cpu_decode.py); the native linear takes any number:
+# up to 16 rows it streams the weights (gemv.h), from 17 it runs the blocked GEMM (gemm.h).
 NATIVE_MAX_ROWS = 16
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,7 +55,7 @@ def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
         x.dtype == torch.float32
         and x.is_cpu
-        and 0 < x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
+        and x.numel() > 0
         and x.shape[-1] % 8 == 0
         and weight.dtype in _WEIGHT_DTYPES
         and weight.is_cpu

@@ -9,6 +9,7 @@ to it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -74,11 +75,17 @@ class KVCache:
                 buffer[:n, :, : self.length] = buffer[rows.to(buffer.device), :, : self.length]
 
 
+@functools.cache
+def _inverse_frequencies(head_dim: int, base: float, device: torch.device) -> Tensor:
+    """1 / base^(2i / hn), made once per shape and device (a decode step asks for them every step)."""
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+
+
 def rotary_tables(
     position_ids: Tensor, head_dim: int, base: float, fp16_tables: bool, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos and sin [b, s, 1, hn] for arbitrary per-token positions (GPT-NeoX half-split layout)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq = _inverse_frequencies(head_dim, base, position_ids.device)
     if fp16_tables:  # SAT 0.2.12: positions, frequencies and their product in fp16
         angles = (position_ids.half()[..., None] * inv_freq.half()).float()
     else:

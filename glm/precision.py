@@ -33,6 +33,7 @@ def describe_matmuls(model: GLM) -> str:
     """`glm: float32 on cpu; dense matmuls: ...; INT4 matmuls: ...` for a loaded model."""
     from glm import cpu_matmul
     from glm.model import Linear
+    from quantization.native import selected_isa as quantization_isa
 
     device, dtype = model.device, model.dtype
     stored = {
@@ -45,8 +46,8 @@ def describe_matmuls(model: GLM) -> str:
     parts = [f"glm: {_dtype_name(dtype)} on {device.type}"]
     if device.type == "cpu" and dtype == torch.float32 and cpu_matmul.native() is not None:
         parts.append(
-            f"dense matmuls: <= {cpu_matmul.NATIVE_MAX_ROWS} rows the native AVX2 kernel, more rows torch "
-            f"(fp32 arithmetic both{widened})"
+            f"dense matmuls: the native {quantization_isa()} kernels (<= 16 rows streamed, more rows a blocked "
+            f"GEMM; fp32 arithmetic{widened})"
         )
     else:
         parts.append(f"dense matmuls: torch ({_dtype_name(dtype)}{widened})")

@@ -18,7 +18,7 @@ def reference(x, w, b=None):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 30, 131])  # from 17: the GEMM
 @pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 16), (64, 384), (1537, 1536)])
 def test_native_equals_reference_math(dtype, rows, n, k):
     generator = torch.Generator().manual_seed(rows * 1000 + n)
@@ -38,7 +38,7 @@ def test_native_equals_reference_math(dtype, rows, n, k):
 
 
 @needs_native
-def test_linear_takes_the_native_path_for_few_rows_only(monkeypatch):
+def test_linear_takes_the_native_path_without_autograd(monkeypatch):
     calls = []
     real = native.linear
 
@@ -52,14 +52,14 @@ def test_linear_takes_the_native_path_for_few_rows_only(monkeypatch):
     for shape in [(1, 32), (2, 3, 32), (4, 4, 32), (17, 32)]:
         x = torch.randn(*shape)
         torch.testing.assert_close(cpu_matmul.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert calls == [1, 6, 16]  # 17 rows go to MKL
+    assert calls == [1, 6, 16, 17]
     x = torch.randn(2, 32, requires_grad=True)
     cpu_matmul.linear(x, w, b).sum().backward()  # autograd: F.linear, with gradients
     torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1))
-    assert calls == [1, 6, 16]
+    assert calls == [1, 6, 16, 17]
     cpu_matmul.linear(torch.randn(2, 32), w.t().contiguous().t(), b)  # non-contiguous weight: F.linear
     cpu_matmul.linear(torch.randn(2, 32, dtype=torch.float64), w.double())  # fp64 activations: F.linear
-    assert calls == [1, 6, 16]
+    assert calls == [1, 6, 16, 17]
 
 
 def test_fallback_widens_a_half_weight_when_the_native_path_is_off(monkeypatch):
@@ -84,9 +84,49 @@ def test_the_isa_override_forces_a_path_or_names_what_is_supported(monkeypatch):
     monkeypatch.setenv("GLM_NATIVE_ISA", "auto")
     assert build.selected_isa() == (build.supported_isas() or [None])[-1]
     monkeypatch.setenv("GLM_NATIVE_ISA", "avx9000")
-    with pytest.raises(ValueError, match="GLM_NATIVE_ISA=avx9000: choose auto, none or avx2"):
+    with pytest.raises(ValueError, match="GLM_NATIVE_ISA=avx9000: choose auto, none or avx2, avx512"):
         build.selected_isa()
     monkeypatch.setattr(build, "supported_isas", lambda: [])
     monkeypatch.setenv("GLM_NATIVE_ISA", "avx2")
     with pytest.raises(ValueError, match="this CPU lacks it"):
         build.selected_isa()
+
+
+@needs_native
+def test_the_gemm_result_does_not_depend_on_the_thread_count():
+    # every output element is one thread's FMA chain over k in order (glm/kernels/gemm.h)
+    generator = torch.Generator().manual_seed(7)
+    x, w = torch.randn(64, 520, generator=generator), torch.randn(200, 520, generator=generator).half()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear(x, w)
+        torch.set_num_threads(2)
+        two = native.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_the_avx512_build_compiles(tmp_path):
+    """This CPU may lack AVX-512, so the AVX-512 kernels cannot run here; they must at least compile (the
+    same source as the AVX2 build, which the tests above run)."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import include_paths
+
+    from quantization.native import ISA_FLAGS
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    root = Path(cpu_matmul.__file__).parent
+    sources = [root / "kernels" / "module.cpp", root.parent / "quantization" / "cpu_kernels.cpp"]
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], root / "kernels"]]
+    for source in sources:
+        command = [compiler, "-std=c++17", "-fsyntax-only", *ISA_FLAGS["avx512"], *includes, str(source)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "decode_block.h"
+#include "gemm.h"
 #include "gemv.h"
 
 namespace {
@@ -22,13 +23,25 @@ const float* float_data(const c10::optional<torch::Tensor>& t, int64_t n, const 
   return t->data_ptr<float>();
 }
 
+// Rows from which the blocked GEMM beats streaming the weights once per 4 rows (bench/cpu_matmul.py).
+constexpr int64_t kGemmMinRows = 17;
+
+template <typename W>
+void matmul(const float* x, const W* w, const float* bias, float* y, int64_t m, int64_t k, int64_t n) {
+  if (m >= kGemmMinRows) {
+    gemm::matmul(x, w, bias, y, m, k, n);
+  } else {
+    gemv::matmul(x, w, bias, y, m, k, n);
+  }
+}
+
 // y [m, N] = x [m, K] w^T (+ bias), w fp32, fp16 or bf16.
 void linear_into(const float* x, const torch::Tensor& w, const float* bias, float* y, int64_t m) {
   const int64_t n = w.size(0), k = w.size(1);
   switch (w.scalar_type()) {
-    case torch::kFloat: gemv::matmul(x, w.data_ptr<float>(), bias, y, m, k, n); break;
-    case torch::kHalf: gemv::matmul(x, w.data_ptr<at::Half>(), bias, y, m, k, n); break;
-    case torch::kBFloat16: gemv::matmul(x, w.data_ptr<at::BFloat16>(), bias, y, m, k, n); break;
+    case torch::kFloat: matmul(x, w.data_ptr<float>(), bias, y, m, k, n); break;
+    case torch::kHalf: matmul(x, w.data_ptr<at::Half>(), bias, y, m, k, n); break;
+    case torch::kBFloat16: matmul(x, w.data_ptr<at::BFloat16>(), bias, y, m, k, n); break;
     default: TORCH_CHECK(false, "weight must be float32, float16 or bfloat16");
   }
 }
@@ -89,7 +102,7 @@ std::vector<torch::Tensor> attention_input(const torch::Tensor& x, const torch::
 
 // The rest of the block for a [G, W, h] and attention_input's qkv: attention of each row over the first
 // `length` = keys.size(2) columns of keys / values [G, nh, length, hn] with an additive bias [G or 1, 1, W,
-// length], then h = alpha a + dense(ctx); m = LayerNorm(h); out = alpha m + down(GeGLU(up(m))).
+// length] (unit last stride), then h = alpha a + dense(ctx); m = LayerNorm(h); out = alpha m + down(GeGLU(up(m))).
 torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv, const torch::Tensor& keys,
                                const torch::Tensor& values, const torch::Tensor& bias, double alpha,
                                const torch::Tensor& dense_w, const c10::optional<torch::Tensor>& dense_b,
@@ -106,9 +119,12 @@ torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv,
     TORCH_CHECK(t->dtype() == torch::kFloat && t->dim() == 4 && t->size(0) == groups && t->size(1) == heads &&
                     t->size(2) == length && t->size(3) == hn && t->stride(3) == 1,
                 "keys, values: float32 [G, heads, length, head_dim], unit last stride");
-  TORCH_CHECK(bias.dtype() == torch::kFloat && bias.dim() == 4 && bias.size(-1) == length, "bias: float32 [G, 1, W, length]");
-  const auto full_bias = bias.expand({groups, 1, width, length});
-  TORCH_CHECK(full_bias.stride(3) == 1, "bias: unit last stride");
+  TORCH_CHECK(bias.dtype() == torch::kFloat && bias.dim() == 4 && (bias.size(0) == groups || bias.size(0) == 1) &&
+                  bias.size(1) == 1 && bias.size(2) == width && bias.size(3) == length && bias.stride(3) == 1,
+              "bias: float32 [G or 1, 1, W, length], unit last stride");
+  // broadcast over groups by a zero stride (at::expand costs more than this whole call's small ops)
+  const block::Strided4 bias_view{bias.data_ptr<float>(), bias.size(0) == 1 ? 0 : bias.stride(0), 0,
+                                  bias.stride(2)};
   check_weight(dense_w, heads * hn, "dense weight");
   TORCH_CHECK(dense_w.size(0) == h, "dense weight: [h, heads x head_dim]");
   check_weight(up_w, h, "up weight");
@@ -118,7 +134,7 @@ torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv,
     return block::Strided4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
   };
   std::vector<float> ctx(rows * heads * hn), hidden(rows * h), up(rows * 2 * f), gated(rows * f);
-  block::attention(qkv.data_ptr<float>(), rows, width, heads, hn, view(keys), view(values), view(full_bias), length,
+  block::attention(qkv.data_ptr<float>(), rows, width, heads, hn, view(keys), view(values), bias_view, length,
                    ctx.data());
   linear_into(ctx.data(), dense_w, float_data(dense_b, h, "dense bias"), hidden.data(), rows);
   const float al = static_cast<float>(alpha);
