@@ -46,8 +46,8 @@ def describe_matmuls(model: GLM) -> str:
     parts = [f"glm: {_dtype_name(dtype)} on {device.type}"]
     if device.type == "cpu" and dtype == torch.float32 and cpu_matmul.native() is not None:
         parts.append(
-            f"dense matmuls: the native {quantization_isa()} kernels (<= 16 rows streamed, more rows a blocked "
-            f"GEMM; fp32 arithmetic{widened})"
+            f"dense matmuls: the native {quantization_isa()} kernels (<= 16 rows streamed, more a "
+            f"blocked GEMM; fp32 arithmetic{widened})"
         )
     else:
         parts.append(f"dense matmuls: torch ({_dtype_name(dtype)}{widened})")
