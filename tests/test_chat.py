@@ -127,3 +127,15 @@ def test_playground_limits_are_the_bounds_the_server_enforces(live_server):
             with pytest.raises(BadRequest) as caught:
                 parse_params({name: value}, 3, 512)
             assert caught.value.param == name
+
+
+def test_beam_search_returns_the_n_best_beams(client):
+    """The completions extra the playground shows side by side: n (at most num_beams) best beams."""
+    kwargs = {"model": MODEL, "prompt": "The [MASK] is in Beijing.", "temperature": 0, "max_tokens": 6}
+    best = client.completions.create(extra_body={"num_beams": 3}, **kwargs).choices
+    three = client.completions.create(n=3, extra_body={"num_beams": 3}, **kwargs).choices
+    assert len(best) == 1 and [c.index for c in three] == [0, 1, 2]
+    assert three[0].text == best[0].text and len({c.text for c in three}) == 3
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(n=3, extra_body={"num_beams": 2}, **kwargs)
+    assert "at most num_beams" in caught.value.message

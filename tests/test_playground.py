@@ -97,6 +97,7 @@ def test_greedy_answer_is_highlighted_in_place_and_is_the_apis(page, live_server
     assert curl.startswith(f"curl -sN {live_server}/v1/completions")
     assert f'"prompt":"{QUERY}"' in curl and '"temperature":0' in curl
     screenshot = tmp_path / "playground.png"
+    page.set_window_size(1000, 1250)  # the answer in view
     page.save_screenshot(str(screenshot))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if target := os.environ.get("GLM_PLAYGROUND_SCREENSHOT"):
@@ -152,3 +153,24 @@ def test_labelled_controls_and_a_phone_sized_window(page):
     until(page, lambda d: d.execute_script("return innerWidth") <= 390, "the narrow window")
     overflow = page.execute_script("return document.documentElement.scrollWidth - innerWidth")
     assert overflow <= 0
+
+
+def test_beams_side_by_side_each_blank_filled_in_turn(page, live_server):
+    query = "The [MASK] is in [MASK]."
+    field(page, "query", query)
+    page.find_element(By.CSS_SELECTOR, "input[name=strategy][value=beam]").click()
+    field(page, "num_beams", "2")
+    field(page, "n", "2")
+    field(page, "max_tokens", "6")
+    page.find_element(By.ID, "run").click()
+    until(page, lambda d: status(d) == "Done.", "the answers")
+    answers = page.find_elements(By.CSS_SELECTOR, "#answers .answer")
+    assert [a.find_element(By.TAG_NAME, "h3").text for a in answers] == ["Beam 1", "Beam 2"]
+    # the documented rule: blank 1 with the n best beams, then each beam's blank 2 after its blank 1
+    beams = {"temperature": 0, "num_beams": 2, "max_tokens": 6}
+    first = post(f"{live_server}/v1/completions", {"prompt": query, "n": 2, **beams}).json()["choices"]
+    for answer, choice in zip(answers, first, strict=True):
+        marks = [m.get_attribute("textContent") for m in answer.find_elements(By.CSS_SELECTOR, "mark")]
+        prompt = query.replace("[MASK]", choice["text"], 1)
+        second = post(f"{live_server}/v1/completions", {"prompt": prompt, **beams}).json()["choices"][0]
+        assert marks == [choice["text"], second["text"]]
