@@ -143,7 +143,7 @@ def test_an_out_of_range_value_shows_the_servers_message(page, live_server):
     assert status(page) == "Failed." and get(f"{live_server}/health").json()["running"] == 0
 
 
-def test_labelled_controls_and_a_phone_sized_window(page):
+def test_labelled_controls_and_a_phone_sized_window(page, tmp_path):
     unlabelled = page.execute_script(
         "return [...document.querySelectorAll('input, textarea')]"
         ".filter(e => !e.labels.length).map(e => e.outerHTML)"
@@ -153,6 +153,7 @@ def test_labelled_controls_and_a_phone_sized_window(page):
     until(page, lambda d: d.execute_script("return innerWidth") <= 390, "the narrow window")
     overflow = page.execute_script("return document.documentElement.scrollWidth - innerWidth")
     assert overflow <= 0
+    page.save_screenshot(str(tmp_path / "phone.png"))
 
 
 def test_beams_side_by_side_each_blank_filled_in_turn(page, live_server):
@@ -174,3 +175,21 @@ def test_beams_side_by_side_each_blank_filled_in_turn(page, live_server):
         prompt = query.replace("[MASK]", choice["text"], 1)
         second = post(f"{live_server}/v1/completions", {"prompt": prompt, **beams}).json()["choices"][0]
         assert marks == [choice["text"], second["text"]]
+
+
+def test_seeded_samples_side_by_side_are_the_apis(page, live_server):
+    field(page, "query", "The river")  # no mask: [gMASK] appended, the answer highlighted at the end
+    page.find_element(By.CSS_SELECTOR, "input[name=strategy][value=sampling]").click()
+    for name, value in (("temperature", "0.9"), ("top_p", "0.8"), ("top_k", "40"), ("seed", "5"), ("n", "2")):
+        field(page, name, value)
+    field(page, "max_tokens", "6")
+    page.find_element(By.ID, "run").click()
+    until(page, lambda d: status(d) == "Done.", "the samples")
+    body = {"prompt": "The river", "temperature": 0.9, "top_p": 0.8, "top_k": 40, "seed": 5, "n": 2}
+    api = post(f"{live_server}/v1/completions", {**body, "max_tokens": 6, "logprobs": 3}).json()
+    answers = page.find_elements(By.CSS_SELECTOR, "#answers .answer")
+    assert [a.find_element(By.TAG_NAME, "h3").text for a in answers] == ["Sample 1", "Sample 2"]
+    for answer, choice in zip(answers, api["choices"], strict=True):
+        filled = answer.find_element(By.CSS_SELECTOR, ".filled").get_attribute("textContent")
+        assert filled == "The river" + choice["text"]
+        assert answer.find_element(By.CSS_SELECTOR, "mark").get_attribute("textContent") == choice["text"]
