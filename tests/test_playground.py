@@ -117,8 +117,9 @@ def test_stop_cancels_the_stream_and_frees_the_row(page, live_server):
     page.find_element(By.ID, "ignore_eos").click()
 
     def streaming(driver) -> bool:  # the answer grows while the request still runs
-        marks = driver.find_elements(By.CSS_SELECTOR, "mark.blank")
-        return bool(marks and marks[0].get_attribute("textContent").strip())
+        # read in one script: each delta re-renders the answer, so a found element may go stale
+        text = driver.execute_script("return document.querySelector('mark.blank')?.textContent || ''")
+        return bool(text.strip())
 
     page.find_element(By.ID, "run").click()
     until(page, streaming, "the first tokens")
