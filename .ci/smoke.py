@@ -133,6 +133,12 @@ def serve(work: Path) -> None:
         assert status == 200 and events[-1] == "[DONE]", body
         streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
         assert streamed == "the document", body
+        for path, words in (("/", "GLM playground"), ("/playground/playground.js", "function run")):
+            connection = HTTPConnection("127.0.0.1", port, timeout=5)  # the page ships with the package
+            connection.request("GET", path)
+            response = connection.getresponse()
+            assert response.status == 200 and words in response.read().decode(), path
+            connection.close()
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)

@@ -47,3 +47,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> str:
+    """glm-serve with the bundled model on 127.0.0.1 (no API key), shared by the chat and playground tests:
+    2 groups of 3 rows, 512 positions (room for a stream long enough to be stopped)."""
+    from test_serve import start_server, stop_server
+
+    process, url = start_server("--groups", "2", "--width", "3", max_length=512)
+    yield url
+    stop_server(process)

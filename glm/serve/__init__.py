@@ -2,7 +2,9 @@
 
 Endpoints: `POST /v1/completions` (OpenAI's legacy completions: prompt text with `[MASK]`/`[sMASK]`/`[gMASK]`,
 `[gMASK]` appended when it has none; the completion fills the first blank of the highest-priority kind),
-`POST /v1/fill` (this project's blank filling: every blank, each returned), `GET /v1/models`, `GET /health`.
+`POST /v1/fill` (this project's blank filling: every blank, each returned), `POST /v1/chat/completions`
+(OpenAI's chat over a prompt template: chat.py), `GET /v1/models`, `GET /health`, and the playground page at
+`/` (playground.py, static/).
 Every decode step batches all running requests (continuous batching: a request joins at the next step and
 leaves when done). A full queue answers 429, a bad request 400 naming the field, a missing or wrong key 401
 (with --api-key); a client that disconnects frees its rows; SIGTERM lets in-flight requests finish.
@@ -11,6 +13,8 @@ leaves when done). A full queue answers 429, a bad request 400 naming the field,
 - protocol.py  request bodies parsed and checked, error bodies, completion and fill responses
 - service.py   the engine on its own thread; HTTP requests turned into engine requests
 - app.py       the FastAPI routes
+- chat.py      the chat template, and chat requests and responses
+- playground.py  the playground page's routes (its files: static/)
 
 Importing this package imports neither torch nor FastAPI; `main` loads them.
 """
@@ -65,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     service.on_failure = lambda: setattr(server, "should_exit", True)  # from the engine thread
+    # the startup line: where the playground (and the API under /v1) answers
+    print(f"glm-serve: {name} on http://{args.host}:{args.port}/ (playground; API under /v1)", flush=True)
     server.run()
     if service.failure is not None:
         print(f"error: the engine failed, so the server stopped: {service.failure}", file=sys.stderr)

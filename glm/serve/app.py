@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from glm.serve import chat, playground
 from glm.serve.protocol import (
     BadRequest,
     Completion,
@@ -74,4 +75,9 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         answer = await service.fill(prompt, params, http.is_disconnected)
         return fill_body(service.tokenizer, service.model_name, answer)
 
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(http: HTTPRequest) -> Any:
+        return await chat.chat_completions(service, http, await read_body(http))
+
+    playground.add_routes(app, service, api_key_required=api_key is not None)
     return app

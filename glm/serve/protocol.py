@@ -117,8 +117,8 @@ def parse_params(body: dict, width: int, max_length: int) -> dict[str, Any]:
         "stream": _flag(body, "stream"),
         "ignore_eos": _flag(body, "ignore_eos"),
     }
-    if params["num_beams"] > 1 and params["n"] > 1:
-        raise BadRequest("'n' must be 1 with beam search (num_beams > 1): all beams share one prompt", "n")
+    if params["num_beams"] > 1 and params["n"] > params["num_beams"]:  # beam search: the n best beams
+        raise BadRequest("'n' must be at most num_beams with beam search: the n best beams", "n")
     if params["num_beams"] > 1 and params["logprobs"] is not None:
         raise BadRequest("'logprobs' is not available with beam search (num_beams > 1)", "logprobs")
     return params
@@ -181,7 +181,7 @@ class Completion:
         self.tokenizer = tokenizer
         self.params = params
         self.requests = requests
-        self.n = requests[0].width if params["num_beams"] == 1 else 1  # choices per prompt
+        self.n = requests[0].width if params["num_beams"] == 1 else params["n"]  # choices per prompt
         rid = f"cmpl-{secrets.token_hex(12)}"
         self.head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
         self.echo = [p if params["echo"] else "" for p in prompts]
