@@ -43,9 +43,7 @@ def base_identity(checkpoint: str | Path | CheckpointFolder, config: GLMConfig) 
     return digest.hexdigest()[:16]
 
 
-def save_adapter(
-    folder: str | Path, model: GLM, identity: str, extra: dict[str, Any] | None = None
-) -> Path:
+def save_adapter(folder: str | Path, model: GLM, identity: str, extra: dict[str, Any] | None = None) -> Path:
     """Write the model's LoRA adapter into `folder` (replaced as a whole: written to a temporary folder
     beside it, then renamed, so a failure leaves the previous one untouched)."""
     from safetensors.torch import save_file
@@ -94,7 +92,9 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]
     if meta.get("format") != FORMAT or meta.get("method") != "lora":
         raise ValueError(f"{config_path}: not a LoRA adapter of this project (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
-        raise ValueError(f"{config_path}: adapter format version {meta.get('version')}; this build reads {VERSION}")
+        raise ValueError(
+            f"{config_path}: adapter format version {meta.get('version')}; this build reads {VERSION}"
+        )
     return meta, load_file(folder / WEIGHTS_FILE)
 
 

@@ -65,7 +65,9 @@ class LoRALinear(nn.Module):
     """`base(x)` plus the low-rank update; see the module docstring. `row_parallel` marks a layer whose
     input is split across ranks (its base's `reduce` then sums the update's rank-r projection too)."""
 
-    def __init__(self, base: nn.Module, options: LoRAOptions, row_parallel: bool, device: torch.device) -> None:
+    def __init__(
+        self, base: nn.Module, options: LoRAOptions, row_parallel: bool, device: torch.device
+    ) -> None:
         super().__init__()
         self.base = base
         self.row_parallel = row_parallel
@@ -158,7 +160,9 @@ def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
     expected = {f"{n}.lora_{w}" for n in layers for w in "AB"}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"adapter tensors do not fit the model: missing {missing[:2]}, unexpected {extra[:2]}")
+        raise ValueError(
+            f"adapter tensors do not fit the model: missing {missing[:2]}, unexpected {extra[:2]}"
+        )
     with torch.no_grad():
         for name, layer in layers.items():
             a, b = state[f"{name}.lora_A"], state[f"{name}.lora_B"]
@@ -175,7 +179,9 @@ def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
                 param.copy_(value)
 
 
-def merge_into(state_dict: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+def merge_into(
+    state_dict: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float
+) -> dict[str, Tensor]:
     """A full float state dict with every adapted weight replaced by W + scaling B A (computed in fp32, then
     cast to the weight's dtype); the other tensors are passed through."""
     merged = dict(state_dict)
@@ -185,7 +191,9 @@ def merge_into(state_dict: dict[str, Tensor], adapter: dict[str, Tensor], scalin
         name = key.removesuffix(".lora_A")
         weight = state_dict[_weight_key(name)]
         if not weight.is_floating_point():
-            raise ValueError(f"{_weight_key(name)} is quantized: merge into the float checkpoint, then quantize")
+            raise ValueError(
+                f"{_weight_key(name)} is quantized: merge into the float checkpoint, then quantize"
+            )
         delta = (adapter[f"{name}.lora_B"].float() @ adapter[key].float()) * scaling
         merged[_weight_key(name)] = (weight.float() + delta).to(weight.dtype)
     return merged
