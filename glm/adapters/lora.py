@@ -180,11 +180,14 @@ def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
 
 
 def merge_into(
-    state_dict: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float
+    state_dict: dict[str, Tensor],
+    adapter: dict[str, Tensor],
+    scaling: float,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """A full float state dict with every adapted weight replaced by W + scaling B A (computed in fp32, then
-    cast to the weight's dtype); the other tensors are passed through."""
-    merged = dict(state_dict)
+    """A full float state dict with every adapted weight replaced by W + scaling B A, computed in fp32 and
+    stored in `dtype` (None: the weight's own); the other tensors are passed through (cast to `dtype`)."""
+    merged = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in state_dict.items()}
     for key in adapter:
         if not key.endswith(".lora_A"):
             continue
@@ -195,5 +198,5 @@ def merge_into(
                 f"{_weight_key(name)} is quantized: merge into the float checkpoint, then quantize"
             )
         delta = (adapter[f"{name}.lora_B"].float() @ adapter[key].float()) * scaling
-        merged[_weight_key(name)] = (weight.float() + delta).to(weight.dtype)
+        merged[_weight_key(name)] = (weight.float() + delta).to(dtype or weight.dtype)
     return merged

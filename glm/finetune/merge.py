@@ -37,9 +37,8 @@ def merge_adapter(
     adapter_meta, tensors = read_adapter(adapter)
     check_base(adapter_meta, base_identity(folder, config), adapter, checkpoint)
     state, tensor_parallel_size = load_state_dict(folder.folder)
-    merged = merge_into(state, tensors, LoRAOptions.from_dict(adapter_meta["options"]).scaling)
-    if dtype != "same":
-        merged = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in merged.items()}
+    scaling = LoRAOptions.from_dict(adapter_meta["options"]).scaling
+    merged = merge_into(state, tensors, scaling, None if dtype == "same" else DTYPES[dtype])
     tokenizer = None
     if meta is not None and "tokenizer" in meta and meta["tokenizer"].get("type") != "icetk":
         tokenizer = GLMTokenizer.from_config(meta["tokenizer"], folder.folder)
