@@ -113,10 +113,6 @@ class CPUKernel:
     def __call__(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         """x [..., in] (any float dtype) -> [..., out] in x's dtype."""
         k = x.shape[-1]
-        if (
-            torch.is_grad_enabled() and x.requires_grad
-        ):  # training an adapter: the native ops record no autograd
-            return F.linear(x, dequantize(weight, scale, self.bits, matmul_dtype(x.dtype))).to(x.dtype)
         if x.dtype == torch.float32 and x.numel() <= DECODE_MAX_ROWS * k:  # decode: the common case, lean
             native = native_kernels()
             if self._groups is None or self._groups[0] is not scale:

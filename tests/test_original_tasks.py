@@ -24,7 +24,9 @@ FINETUNE = TASKS / "finetune"  # the fine-tuning evidence task (tools/build_fine
 
 
 def _original_files() -> list[Path]:
-    return [p for p in collect_task_files([str(TASKS)]) if OFFLINE not in p.parents and FINETUNE not in p.parents]
+    return [
+        p for p in collect_task_files([str(TASKS)]) if OFFLINE not in p.parents and FINETUNE not in p.parents
+    ]
 
 
 @pytest.fixture(scope="module")
