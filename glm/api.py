@@ -141,6 +141,10 @@ def load_from_args(args: argparse.Namespace) -> tuple[GLM, GLMTokenizer]:
     model, tokenizer = load(
         checkpoint, run.model, args.tokenizer, args.tokenizer_type, args.dtype, device, transforms
     )
+    if getattr(args, "adapter", None):  # after every transform: the adapter wraps the final layers
+        from glm.adapters.files import attach_adapter
+
+        attach_adapter(model, args.adapter, checkpoint)
     if is_main():  # which kernels this machine runs; the arithmetic is the same on every CPU
         print(describe_matmuls(model), file=sys.stderr, flush=True)
     return model, tokenizer

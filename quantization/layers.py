@@ -24,7 +24,7 @@ from quantization.cuda import (
     fused_int4_group_size,
     pack_int4,
 )
-from quantization.schemes import quantize_to_stored, scale_groups
+from quantization.schemes import dequantize, quantize_to_stored, scale_groups
 from quantization.spec import QuantizationSpec
 
 Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -183,16 +183,44 @@ class QuantizedLinear(nn.Module):
         self._buffers["weight_int4pack"], self._buffers["weight_int4pack_scale"] = packed, scales_zeros
         self._kernel = Int4PackKernel(size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def matmul(self, x: Tensor) -> Tensor:
+        """x W^T with the layer's kernel (no autograd: the kernels are written for inference)."""
         if self.weight is None:  # packed by prepare, which chose the kernel
-            y = self._kernel(x, self.weight_int4pack, self.weight_int4pack_scale)
+            return self._kernel(x, self.weight_int4pack, self.weight_int4pack_scale)
+        if self._kernel is None:
+            self._kernel = make_kernel(self.spec.bits, self.weight.device)
+        return self._kernel(x, self.weight, self.weight_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # an adapter trains through this frozen layer
+            y = _FrozenQuantizedMatmul.apply(x, self)
         else:
-            if self._kernel is None:
-                self._kernel = make_kernel(self.spec.bits, self.weight.device)
-            y = self._kernel(x, self.weight, self.weight_scale)
+            y = self.matmul(x)
         if self.reduce is not None:
             y = self.reduce(y)  # the bias is added once, after the sum over ranks
         return y if self.bias is None else y + self.bias
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x W^T through a frozen quantized layer, differentiable in x only. The backward pass dequantizes W
+    again (grad_x = grad_y W) instead of keeping a dequantized copy per layer from the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantizedLinear) -> Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        layer = ctx.layer
+        if layer.weight is None:
+            raise RuntimeError(
+                f"{layer._where()}: its weight is packed for the fused INT4 kernel, which has no backward "
+                "pass: train over INT8, or over INT4 on the CPU"
+            )
+        weight = dequantize(layer.weight, layer.weight_scale, layer.spec.bits, grad.dtype)  # [out, in]
+        return grad @ weight, None
 
 
 class QuantizedOutputLayer(nn.Module):

@@ -20,10 +20,13 @@ from glm.evaluation.tasks import MultiChoiceTask, task_class
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
 OFFLINE = TASKS / "offline"
+FINETUNE = TASKS / "finetune"  # the fine-tuning evidence task (tools/build_finetune_task.py), not an original
 
 
 def _original_files() -> list[Path]:
-    return [p for p in collect_task_files([str(TASKS)]) if OFFLINE not in p.parents]
+    return [
+        p for p in collect_task_files([str(TASKS)]) if OFFLINE not in p.parents and FINETUNE not in p.parents
+    ]
 
 
 @pytest.fixture(scope="module")

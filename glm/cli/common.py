@@ -56,6 +56,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--device", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default: auto)"
     )
+    model.add_argument(
+        "--adapter",
+        help="a LoRA adapter folder written by glm-finetune, applied over the checkpoint it was trained on "
+        "(default: none)",
+    )
     # glm.distributed's flags (`distributed.session` reads them).
     parallel = parser.add_argument_group(
         "parallelism (launch with torchrun or deepspeed; README: Tensor parallelism and multi-node)"

@@ -1,0 +1,3 @@
+from glm.finetune import cli
+
+cli()
