@@ -1,4 +1,4 @@
-"""Decode-sized matmuls: glm/cpu_matmul.cpp against F.linear (MKL), interleaved, on model shapes.
+"""Decode-sized matmuls: glm/kernels/gemv.h against F.linear (MKL), interleaved, on model shapes.
 
 `python -m bench.cpu_matmul --rows 1 8 16 32 --output bench/results/cpu-matmul.json`. Each shape cycles
 over enough weight copies (>= 256 MB) that every call streams its weights from memory, as in decode.

@@ -1,7 +1,7 @@
 """Per-layer CPU kernel times on glm-600m's shapes, every method interleaved in one run (so that other
 processes' load hits every method alike): `python -m bench.quantization_kernels --help`.
 
-Decode (--rows, <= 8): fp32 F.linear (MKL); the dense native kernel (glm/cpu_matmul.cpp) with fp32 and
+Decode (--rows, <= 8): fp32 F.linear (MKL); the dense native kernel (glm/kernels/gemv.h) with fp32 and
 fp16 weights, the fp32 model's own baseline; this project's AVX2 quantized kernel (INT8, INT4 per row,
 INT4 group 128); optionally an older quantized kernel source (--baseline-kernel, e.g. `git show
 HEAD~1:quantization/cpu_kernels.cpp > /tmp/old.cpp`) and torch's built-in weight-only ops (--builtins).
