@@ -4,8 +4,9 @@ A decode step multiplies one to a few rows by every weight, so it runs at the sp
 from memory. On the measured AVX2 machine MKL's F.linear with a few rows reaches 12-16 GB/s where the
 native loop reaches 20-26 (bench/results/cpu-matmul.json); for many rows (prefill) the native blocked
 GEMM beats MKL's sgemm by 1.15-1.8 x (bench/results/cpu-gemm.md). The native path needs fp32
-activations, an AVX2 CPU and a compiler (quantization/native.py, the one extension loader); it takes fp32, fp16 or bf16 weights (widened exactly in registers), so weights may stay in their checkpoint's
-half precision while the model computes in fp32. It is never used where autograd records a graph. Under
+activations, an AVX2 CPU and a compiler (quantization/native.py, the one extension loader); it takes
+fp32, fp16 or bf16 weights (widened exactly in registers), so weights may stay in their checkpoint's half
+precision while the model computes in fp32. It is never used where autograd records a graph. Under
 torch.compile it is the custom op `glm::linear`, so the compiled decode step keeps it without graph breaks.
 """
 
