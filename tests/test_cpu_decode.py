@@ -17,6 +17,11 @@ from glm.model import GLM, KVCache, Linear, init_random_weights, rotary_tables
 needs_native = pytest.mark.skipif(native() is None, reason="no AVX2 or no compiler: the modules run")
 
 
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.setattr(cpu_decode, "ENABLED", True)
+
+
 def random_block(dtype: torch.dtype, seed: int = 0):
     """A block of tiny_config with non-trivial weights (layer norms and biases random too), its linears'
     weights stored in `dtype`."""
@@ -98,6 +103,10 @@ def test_it_applies_only_to_plain_blocks_and_few_rows():
     config, block = random_block(torch.float16)
     x, _, _, _, _, bias = inputs(config, 1, 1, 4, seed=0)
     assert not cpu_decode.applies(block, x, bias, Linear)  # parameters that want gradients, recorded
+    cpu_decode.ENABLED = False
+    with torch.no_grad():
+        assert not cpu_decode.applies(block, x, bias, Linear)  # off unless GLM_FUSED_DECODE=1
+    cpu_decode.ENABLED = True
     with torch.no_grad():
         assert cpu_decode.applies(block, x, bias, Linear)
         assert not cpu_decode.applies(block, torch.randn(1, 17, config.hidden_size), bias, Linear)  # prefill
