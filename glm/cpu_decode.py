@@ -22,7 +22,7 @@ from glm.cpu_matmul import NATIVE_MAX_ROWS, native
 
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Opt-in for now (GLM_FUSED_DECODE=1): it is correct (tests/test_cpu_decode.py) but measured no faster end to
-# end on the bundled model yet (bench/results/cpu-gemm.md's note), and a run with it is not bit-identical to
+# end on the bundled model yet (issue 20's session note), and a run with it is not bit-identical to
 # one through the modules (offload's streamed blocks run the modules).
 ENABLED = os.environ.get("GLM_FUSED_DECODE", "0") == "1"
 
