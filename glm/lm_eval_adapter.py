@@ -8,8 +8,8 @@ Texts are tokenized as the project's evaluator tokenizes a multiple-choice item:
 (`glm.evaluation.dataset.encode_choice`). The context is a query: a `[MASK]` written in it is the blank
 that the continuations fill (the adapter's convention, as blank filling reads queries); otherwise `[gMASK]`
 is appended (unless written in it, as a task for glm-serve's `local-completions` writes it: see
-glm/serve/echo.py) and the continuations follow the bidirectional context. A context's continuations are scored
-as one packed row (`glm.scoring`), as the evaluator scores a multiple-choice item.
+glm/serve/echo.py) and the continuations follow the bidirectional context. A context's continuations are
+scored as one packed row (`glm.scoring`), as the evaluator scores a multiple-choice item.
 """
 
 from __future__ import annotations

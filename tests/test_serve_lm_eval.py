@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ[_name] = "1"  # before lm_eval imports datasets, which reads them once
-
 import openai
 import pytest
 from test_serve import MODEL, ROOT, start_server, stop_server
@@ -45,6 +42,8 @@ def at_root(monkeypatch):
 
 
 def evaluate(lm, task: str, limit: int | None = None, **model_args) -> dict:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[name] = "1"  # before lm_eval imports datasets, which reads them once
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
