@@ -7,8 +7,9 @@ lm-eval `Instance`s, whose `.args` are read). `make_lm_class()` imports lm_eval 
 Texts are tokenized as the project's evaluator tokenizes a multiple-choice item: the continuation as a choice
 (`glm.evaluation.dataset.encode_choice`). The context is a query: a `[MASK]` written in it is the blank
 that the continuations fill (the adapter's convention, as blank filling reads queries); otherwise `[gMASK]`
-is appended and the continuations follow the bidirectional context. A context's continuations are scored
-as one packed row (`glm.scoring`), as the evaluator scores a multiple-choice item.
+is appended (unless written in it, as a task for glm-serve's `local-completions` writes it: see
+glm/serve/echo.py) and the continuations follow the bidirectional context. A context's continuations are
+scored as one packed row (`glm.scoring`), as the evaluator scores a multiple-choice item.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class GLMAdapter:
         ids = self.tokenizer.tokenize_with_masks(context)
         if self.mask_id in ids:
             return ids, ids.index(self.mask_id)
+        if self.gmask_id in ids:  # written in it (as glm-serve's echo reads a prompt): not appended again
+            return ids, None
         return [*ids, self.gmask_id], None
 
     @torch.no_grad()

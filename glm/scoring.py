@@ -33,6 +33,7 @@ class Target:
 class TargetScore:
     logprobs: Tensor  # [len(ids)] fp32, on the CPU
     greedy: bool  # every id is the argmax of its distribution (lm-eval's `is_greedy`)
+    top: tuple[Tensor, Tensor] | None = None  # (ids, log-probs), [len(ids), k] each: score_rows' top_k
 
     @property
     def total(self) -> float:
@@ -76,8 +77,9 @@ def check_row(row: PackedRow, max_length: int) -> None:
 
 
 @torch.no_grad()
-def score_rows(model: GLM, rows: Sequence[PackedRow]) -> list[list[TargetScore]]:
-    """Every target of every row, all rows in one forward pass."""
+def score_rows(model: GLM, rows: Sequence[PackedRow], top_k: int = 0) -> list[list[TargetScore]]:
+    """Every target of every row, all rows in one forward pass; with `top_k`, each distribution's `top_k`
+    most likely ids too."""
     if not rows:
         return []
     for row in rows:
@@ -111,7 +113,11 @@ def score_rows(model: GLM, rows: Sequence[PackedRow]) -> list[list[TargetScore]]
         for target in row.targets:
             index = torch.tensor([column[p] for p in target.positions])
             ids = torch.tensor(target.ids)
-            scores.append(TargetScore(logprobs[index, ids], bool((best[index] == ids).all())))
+            top = None
+            if top_k:
+                values, top_ids = logprobs[index].topk(min(top_k, logprobs.shape[-1]), dim=-1)
+                top = (top_ids, values)
+            scores.append(TargetScore(logprobs[index, ids], bool((best[index] == ids).all()), top))
         results.append(scores)
     return results
 

@@ -11,6 +11,7 @@ from fastapi import Request as HTTPRequest  # module level: FastAPI resolves the
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from glm.serve import chat, playground
+from glm.serve.echo import echo_body, echo_logprobs, prompt_text
 from glm.serve.protocol import (
     BadRequest,
     Completion,
@@ -23,6 +24,7 @@ from glm.serve.protocol import (
     parse_prompts,
 )
 from glm.serve.service import Service
+from glm.serve.tokenize import add_tokenizer_routes
 
 
 def create_app(service: Service, api_key: str | None = None) -> FastAPI:
@@ -57,16 +59,24 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(http: HTTPRequest) -> Any:
         body = await read_body(http)
-        prompts = parse_prompts(body)
+        prompts = parse_prompts(body, service.tokenizer.vocab_size)
         params = parse_params(body, engine.rows.width, engine.rows.max_length)
+        texts = [prompt_text(service.tokenizer, p) for p in prompts]
+        scored = await echo_logprobs(
+            service.tokenizer, service.score, engine.rows.max_length, prompts, params
+        )
+        if params["max_tokens"] == 0:  # the prompts scored (or echoed) alone
+            return echo_body(service.tokenizer, service.model_name, prompts, texts, scored, params["n"])
         watch, requests = service.submit_completions(prompts, params)
-        completion = Completion(service.tokenizer, service.model_name, prompts, params, requests)
+        completion = Completion(service.tokenizer, service.model_name, texts, params, requests, scored)
         if not params["stream"]:
             async for _ in service.wait(http.is_disconnected, watch, requests):
                 pass
             return completion.body()
         updates = service.wait(http.is_disconnected, watch, requests)
         return StreamingResponse(completion.stream(updates), media_type="text/event-stream")
+
+    add_tokenizer_routes(app, service.tokenizer, engine.rows.max_length, read_body)
 
     @app.post("/v1/fill")
     async def fill(http: HTTPRequest) -> dict:

@@ -100,7 +100,7 @@ def parse_params(body: dict, width: int, max_length: int) -> dict[str, Any]:
     if logprobs is not None:
         logprobs = _number(body, "logprobs", 0, 0, MAX_LOGPROBS, integer=True)
     params = {
-        "max_tokens": _number(body, "max_tokens", 16, 1, max_length - 2, integer=True),
+        "max_tokens": _number(body, "max_tokens", 16, 0, max_length - 2, integer=True),
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
         "top_k": _number(body, "top_k", 0, 0, 1 << 30, integer=True),
@@ -117,6 +117,10 @@ def parse_params(body: dict, width: int, max_length: int) -> dict[str, Any]:
         "stream": _flag(body, "stream"),
         "ignore_eos": _flag(body, "ignore_eos"),
     }
+    if params["max_tokens"] == 0 and (params["stream"] or not params["echo"]):
+        raise BadRequest(
+            "'max_tokens' 0 (the prompt scored alone) needs 'echo': true and no 'stream'", "max_tokens"
+        )
     if params["num_beams"] > 1 and params["n"] > params["num_beams"]:  # beam search: the n best beams
         raise BadRequest("'n' must be at most num_beams with beam search: the n best beams", "n")
     if params["num_beams"] > 1 and params["logprobs"] is not None:
@@ -124,13 +128,41 @@ def parse_params(body: dict, width: int, max_length: int) -> dict[str, Any]:
     return params
 
 
-def parse_prompts(body: dict) -> list[str]:
-    """The prompts of a completion request: one string or a non-empty list of them."""
+def parse_prompts(body: dict, vocab_size: int) -> list[str | list[int]]:
+    """The prompts of a completion request: a string, a list of token ids (each in 0..vocab_size - 1), or
+    a non-empty list of either."""
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and not isinstance(prompt[0], list | str)
+    ):
+        prompts = [prompt]  # one text, or one prompt of token ids
+    else:
+        prompts = prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str | list) for p in prompts):
+        raise BadRequest(
+            "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt"
+        )
+    for p in prompts:
+        if isinstance(p, list):
+            check_token_ids(p, vocab_size, "prompt")
     return prompts
+
+
+def check_token_ids(value: Any, vocab_size: int, field: str, empty: bool = False) -> list[int]:
+    """`value` as a list of token ids of this vocabulary, non-empty unless `empty` (BadRequest naming
+    `field` if not)."""
+    if not isinstance(value, list) or not (value or empty):
+        raise BadRequest(f"'{field}' must be a non-empty list of token ids", field)
+    for k, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise BadRequest(f"'{field}' must hold integer token ids, got {json.dumps(token)} at {k}", field)
+        if not 0 <= token < vocab_size:
+            raise BadRequest(
+                f"'{field}' holds token id {token} at {k}: ids must be in 0..{vocab_size - 1} "
+                "(this server's vocabulary)",
+                field,
+            )
+    return value
 
 
 def parse_fill(body: dict, width: int, max_length: int) -> tuple[str, dict[str, Any]]:
@@ -139,6 +171,8 @@ def parse_fill(body: dict, width: int, max_length: int) -> tuple[str, dict[str, 
     if not isinstance(prompt, str):
         raise BadRequest("'prompt' must be a string", "prompt")
     params = parse_params(body, width, max_length)
+    if params["max_tokens"] < 1:
+        raise BadRequest("'max_tokens' must be at least 1 to fill a blank", "max_tokens")
     if params["stream"] or params["n"] > 1:
         raise BadRequest(
             "'stream' and 'n' > 1 are for /v1/completions", "stream" if params["stream"] else "n"
@@ -174,9 +208,10 @@ class Completion:
         self,
         tokenizer: GLMTokenizer,
         model_name: str,
-        prompts: list[str],
+        prompts: Sequence[str],
         params: dict[str, Any],
         requests: list[Request],
+        prompt_logprobs: Sequence[dict[str, list] | None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.params = params
@@ -184,9 +219,12 @@ class Completion:
         self.n = requests[0].width if params["num_beams"] == 1 else params["n"]  # choices per prompt
         rid = f"cmpl-{secrets.token_hex(12)}"
         self.head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
-        self.echo = [p if params["echo"] else "" for p in prompts]
+        self.echo = [p if params["echo"] else "" for p in prompts]  # the prompts' texts
+        self.prompt_logprobs = prompt_logprobs or [None] * len(prompts)  # echoed prompts' (glm.serve.echo)
 
-    def choices(self, request: Request) -> list[dict]:
+    def choices(self, request: Request, echoed: bool = True) -> list[dict]:
+        """The request's choices; `echoed`: their log-probs begin with the echoed prompt's (False: the
+        stream sent those with the echo)."""
         generation_failed(request)
         choices = []
         for j, output in enumerate((request.outputs or [])[: self.n]):
@@ -194,6 +232,8 @@ class Completion:
             logprobs = None
             if self.params["logprobs"] is not None:
                 logprobs = token_logprobs(self.tokenizer, output, len(prefix))
+                if echoed:
+                    logprobs = join_logprobs(self.prompt_logprobs[request.tag], logprobs)
             choices.append(
                 {
                     "text": prefix + output_text(self.tokenizer, output),
@@ -230,7 +270,8 @@ class Completion:
         if self.params["echo"]:
             for request in self.requests:
                 for j in range(n):
-                    yield self._chunk(request.tag * n + j, echo[request.tag])
+                    lp = self.prompt_logprobs[request.tag]
+                    yield self._chunk(request.tag * n + j, echo[request.tag], logprobs=lp)
         async for kind, value in updates:
             if kind == "step":
                 tag, rows = value
@@ -242,7 +283,7 @@ class Completion:
                         yield self._chunk(tag * n + j, text[len(sent[key]) :])
                         sent[key] = text
                 continue
-            for j, output in enumerate(self.choices(value)):
+            for j, output in enumerate(self.choices(value, echoed=False)):
                 key = (value.tag, j)
                 text = output["text"][len(echo[value.tag]) :]
                 rest = text[len(sent[key]) :] if text.startswith(sent[key]) else text
@@ -270,6 +311,15 @@ def token_logprobs(tokenizer: GLMTokenizer, output: Output, offset: int) -> dict
         offsets.append(offset)
         offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def join_logprobs(
+    prompt: dict[str, list] | None, generated: dict[str, list] | None
+) -> dict[str, list] | None:
+    """A choice's log-probs: its echoed prompt's, then its generated tokens' (each list in order)."""
+    if prompt is None or generated is None:
+        return generated if prompt is None else prompt
+    return {key: [*prompt[key], *generated[key]] for key in prompt}
 
 
 def output_text(tokenizer: GLMTokenizer, output: Output) -> str:

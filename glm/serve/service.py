@@ -19,6 +19,8 @@ from glm.decoding.infill import Answer, prepare_query
 from glm.decoding.options import GenerationOptions
 from glm.decoding.requests import Penalties, Request
 from glm.decoding.strategies import BeamSearchStrategy
+from glm.scoring import PackedRow, TargetScore, score_rows
+from glm.serve.echo import Prompt, ids_query
 from glm.serve.protocol import BadRequest, check_length, generation_failed
 from glm.tokenizer import GLMTokenizer
 
@@ -65,6 +67,7 @@ class Service:
         self._incoming: list[Request] = []
         self._cancelled: list[Request] = []
         self._specs: dict[Request, tuple] = {}  # what the other ranks need to build the same request
+        self._scoring: list[ScoreJob] = []  # echoed prompts to score, between decode steps
         self._wake = threading.Event()
         self._stop = False
         # An engine loop that fails stops the server (under tensor parallelism the other ranks may be
@@ -97,7 +100,10 @@ class Service:
         uid: dict[Request, int] = {}
         while True:
             incoming, cancelled = self._plan()
-            stop = self._stop and not incoming and not self.engine.busy
+            with self._lock:
+                scoring, self._scoring = self._scoring, []
+            self._score(scoring)  # never under tensor parallelism (Service.score)
+            stop = self._stop and not incoming and not self.engine.busy and not self._scoring
             if not (incoming or cancelled or self.engine.busy or stop):
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -123,6 +129,52 @@ class Service:
                     self.engine.cancel(request)
             for request in incoming:
                 self._specs.pop(request, None)
+
+    def _score(self, jobs: list[ScoreJob]) -> None:
+        """Score the rows of every job, as many rows per forward pass as the prefill budget allows; a job
+        that fails gets its error (500), the others their scores."""
+        rows = [(job, row) for job in jobs for row in job.rows]
+        top_k = max((job.top_k for job in jobs), default=0)
+        scores: dict[ScoreJob, list] = {job: [] for job in jobs}
+        budget = self.engine.max_prefill_tokens
+        while rows:
+            batch = [rows.pop(0)]
+            longest = len(batch[0][1].tokens)
+            while rows and (len(batch) + 1) * max(longest, len(rows[0][1].tokens)) <= budget:
+                longest = max(longest, len(rows[0][1].tokens))
+                batch.append(rows.pop(0))
+            try:
+                results = score_rows(self.engine.rows.model, [row for _, row in batch], top_k)
+            except Exception as error:
+                log.exception("scoring failed")
+                for job in {job for job, _ in batch}:
+                    job.finish(error)
+                    scores.pop(job, None)
+                rows = [(job, row) for job, row in rows if job in scores]
+                continue
+            for (job, _), result in zip(batch, results, strict=True):
+                if job in scores:
+                    scores[job].append(result[0])
+        for job, result in scores.items():
+            job.finish(result)
+
+    async def score(self, rows: list[PackedRow], top_k: int) -> list[TargetScore]:
+        """The one target of each row, scored on the engine thread between decode steps (batched with
+        other requests' rows)."""
+        if not rows:
+            return []
+        if self.distributed:
+            raise BadRequest("echoed prompts are not scored under tensor parallelism yet", "echo")
+        job = ScoreJob(rows, top_k, asyncio.get_running_loop())
+        with self._lock:
+            if self.failure is not None:
+                raise BadRequest(f"the server is stopping: the engine failed ({self.failure})", None, 503)
+            self._scoring.append(job)
+        self._wake.set()
+        result = await job.future
+        if isinstance(result, Exception):
+            raise BadRequest(f"scoring failed: {result}", None, 500)
+        return result
 
     def _fail(self, error: Exception) -> None:
         """The engine loop cannot go on: every request fails (their clients hear first), every other rank
@@ -227,9 +279,15 @@ class Service:
         self._specs[request] = (prompt_ids, mask_position, params, max_tokens)
         return request
 
-    def submit_completions(self, prompts: list[str], params: dict[str, Any]) -> tuple[Watch, list[Request]]:
-        """Queue one request per prompt (the first blank of each, request i tagged i), all or none."""
-        queries = [prepare_query(p, self.tokenizer) for p in prompts]
+    def submit_completions(
+        self, prompts: list[Prompt], params: dict[str, Any]
+    ) -> tuple[Watch, list[Request]]:
+        """Queue one request per prompt, text or token ids (the first blank of each, request i tagged i),
+        all or none."""
+        queries = [
+            prepare_query(p, self.tokenizer) if isinstance(p, str) else ids_query(p, self.tokenizer)
+            for p in prompts
+        ]
         for query in queries:
             check_length(query.ids, params, self.engine.rows.max_length)
         watch = Watch(asyncio.get_running_loop(), params["stream"])
@@ -316,3 +374,14 @@ class Watch:
 
     def on_finish(self, request: Request) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.updates.put_nowait, ("done", request))
+
+
+class ScoreJob:
+    """Rows to score on the engine thread, and the future their scores (or the error) are set on."""
+
+    def __init__(self, rows: list[PackedRow], top_k: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.rows, self.top_k, self.loop = rows, top_k, loop
+        self.future: asyncio.Future[list[TargetScore] | Exception] = loop.create_future()
+
+    def finish(self, result: list[TargetScore] | Exception) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.future.set_result, result)
