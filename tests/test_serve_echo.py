@@ -4,6 +4,8 @@ model; the echoed prompt's log-probs against a plain causal forward pass of the 
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 import torch
@@ -147,6 +149,14 @@ def test_max_tokens_0_scores_the_prompt_alone(client, bundled) -> None:
         assert got.logprobs.tokens == want.tokens and got.logprobs.token_logprobs[0] is None
         assert got.logprobs.token_logprobs[1:] == pytest.approx(want.token_logprobs[1:], rel=1e-5)
 
+    # A prompt holding [gMASK] (lm-eval's multiple-choice context): its tokens' texts add up to it too.
+    masked = "Where is it?\nAnswer:[gMASK]Paris"
+    lp = complete(client, masked, echo=True, logprobs=TOP, max_tokens=0).choices[0].logprobs
+    assert "".join(lp.tokens) == masked and lp.text_offset == offsets(lp.tokens)
+    cut = lp.tokens.index("[gMASK]") + 1  # the blank's answer is scored, its bidirectional context is not
+    assert lp.token_logprobs[:cut] == [None] * cut and None not in lp.token_logprobs[cut:]
+    assert "".join(lp.tokens[cut:]) == "Paris"
+
     for extra in ({}, {"echo": True, "stream": True}):
         with pytest.raises(openai.BadRequestError) as caught:
             complete(client, PROMPT, max_tokens=0, **extra)
@@ -174,6 +184,15 @@ def test_bad_token_ids_are_400_naming_the_prompt(client, bundled, prompt) -> Non
     assert "'prompt'" in error["message"] and "\n" not in error["message"]
 
 
+def encode_alone(tokenizer, text: str) -> list[int]:
+    """The ids of a text whose special tokens are masks or `[sop]` / `[eop]`, spelled out piece by piece."""
+    commands = {"[sop]": tokenizer.sop_id, "[eop]": tokenizer.eop_id}
+    ids: list[int] = []
+    for piece in re.split(r"(\[sop\]|\[eop\])", text):
+        ids += [commands[piece]] if piece in commands else tokenizer.tokenize_with_masks(piece)
+    return ids
+
+
 def test_tokenize_and_detokenize_round_trip(server, bundled) -> None:
     _, tokenizer = bundled
     text = "Hello world, the river flows [gMASK] to the sea."
@@ -183,8 +202,12 @@ def test_tokenize_and_detokenize_round_trip(server, bundled) -> None:
         body = reply.json()
         assert body["tokens"] == tokenizer.tokenize_with_masks(text)  # no special token is added
         assert body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_LENGTH
-    plain = post(f"{server}/tokenize", {"prompt": PROMPT}).json()["tokens"]
-    assert post(f"{server}/detokenize", {"tokens": plain}).json() == {"prompt": PROMPT}
+    # Texts whose special tokens are written as a query writes them (no space beside a mask, which the
+    # tokenizer gives to the blank): /detokenize gives them back, and /tokenize reads that as the same ids.
+    for text in (PROMPT, "Where is it?\nAnswer:[gMASK]Paris", "A[MASK]b[sMASK]", "x[sop]y[eop]"):
+        ids = post(f"{server}/tokenize", {"prompt": text}).json()["tokens"]
+        assert ids == encode_alone(tokenizer, text)
+        assert post(f"{server}/detokenize", {"tokens": ids}).json() == {"prompt": text}
 
     info = get(f"{server}/tokenizer_info").json()
     assert info["vocab_size"] == tokenizer.vocab_size and info["model_max_length"] == MAX_LENGTH
