@@ -3,7 +3,8 @@
 Endpoints: `POST /v1/completions` (OpenAI's legacy completions: prompt text with `[MASK]`/`[sMASK]`/`[gMASK]`,
 `[gMASK]` appended when it has none; the completion fills the first blank of the highest-priority kind),
 `POST /v1/fill` (this project's blank filling: every blank, each returned), `POST /v1/chat/completions`
-(OpenAI's chat over a prompt template: chat.py), `GET /v1/models`, `GET /health`, and the playground page at
+(OpenAI's chat over a prompt template: chat.py), `GET /v1/models`, `GET /health`, the tokenizer in vLLM's
+shapes (`GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize`: tokenize.py), and the playground page at
 `/` (playground.py, static/).
 Every decode step batches all running requests (continuous batching: a request joins at the next step and
 leaves when done). A full queue answers 429, a bad request 400 naming the field, a missing or wrong key 401
@@ -14,6 +15,8 @@ leaves when done). A full queue answers 429, a bad request 400 naming the field,
 - service.py   the engine on its own thread; HTTP requests turned into engine requests
 - app.py       the FastAPI routes
 - chat.py      the chat template, and chat requests and responses
+- echo.py      token-id prompts, and echoed prompts scored (`echo` with `logprobs`, `max_tokens: 0`)
+- tokenize.py  the tokenizer endpoints
 - playground.py  the playground page's routes (its files: static/)
 
 Importing this package imports neither torch nor FastAPI; `main` loads them.

@@ -27,7 +27,7 @@ from typing import Any
 from glm.decoding.infill import Query
 from glm.scoring import PackedRow, TargetScore, choice_row
 from glm.serve.protocol import BadRequest
-from glm.serve.tokenize import encode
+from glm.serve.tokenize import decode, encode
 from glm.tokenizer import GLMTokenizer
 
 Prompt = str | list[int]  # a completion request's prompt: text, or token ids
@@ -39,8 +39,8 @@ def prompt_ids(tokenizer: GLMTokenizer, prompt: Prompt) -> list[int]:
 
 
 def prompt_text(tokenizer: GLMTokenizer, prompt: Prompt) -> str:
-    """The text a prompt echoes as: itself, or its ids decoded."""
-    return prompt if isinstance(prompt, str) else tokenizer.detokenize(prompt)
+    """The text a prompt echoes as: itself, or its ids decoded as /detokenize does."""
+    return prompt if isinstance(prompt, str) else decode(tokenizer, prompt)
 
 
 def ids_query(ids: list[int], tokenizer: GLMTokenizer) -> Query:
@@ -74,11 +74,12 @@ def echo_row(ids: Sequence[int], tokenizer: GLMTokenizer) -> tuple[PackedRow | N
 
 
 def token_texts(tokenizer: GLMTokenizer, ids: Sequence[int]) -> list[str]:
-    """What each token adds to the decoded text before it (so the texts add up to the decoded ids)."""
+    """What each token adds to the decoded text before it (so the texts add up to the ids decoded as
+    /detokenize does)."""
     texts, decoded = [], ""
     for k in range(len(ids)):
-        text = tokenizer.detokenize(ids[: k + 1])
-        texts.append(text[len(decoded) :] if text.startswith(decoded) else tokenizer.detokenize([ids[k]]))
+        text = decode(tokenizer, ids[: k + 1])
+        texts.append(text[len(decoded) :] if text.startswith(decoded) else decode(tokenizer, [ids[k]]))
         decoded = text
     return texts
 
@@ -98,7 +99,7 @@ def prompt_logprobs(
             values[index] = float(score.logprobs[j])
             if score.top is not None:
                 top_ids, top_values = score.top[0][j, :top].tolist(), score.top[1][j, :top].tolist()
-                tops[index] = {tokenizer.detokenize([t]): v for t, v in zip(top_ids, top_values, strict=True)}
+                tops[index] = {decode(tokenizer, [t]): v for t, v in zip(top_ids, top_values, strict=True)}
             else:
                 tops[index] = {}
     offsets, offset = [], 0

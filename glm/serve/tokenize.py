@@ -4,14 +4,15 @@
 
 Text is encoded as a query is: `[MASK]`, `[sMASK]` and `[gMASK]` stand for their tokens, and so do the
 spellings detokenize writes for `sop`, `eop` and `eos` (`[sop]`, `[eop]`, `[</s>]` with the bundled
-model), which /tokenizer_info names the bos, eos and pad tokens. No special token is ever added:
-`add_special_tokens` is accepted and changes nothing.
+model), which /tokenizer_info names the bos, eos and pad tokens. /detokenize writes the masks as a query
+does (`[gMASK]`, where the tokenizer's own detokenize writes `[[gMASK]]`), so /tokenize reads its text back
+as the same ids. No special token is ever added: `add_special_tokens` is accepted and changes nothing.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -39,6 +40,22 @@ def encode(tokenizer: GLMTokenizer, text: str) -> list[int]:
         elif piece:
             ids += tokenizer.tokenize_with_masks(piece)
     return ids
+
+
+def decode(tokenizer: GLMTokenizer, ids: Sequence[int]) -> str:
+    """The text of `ids` that `encode` reads back as them: the tokenizer's, with each mask token written as
+    in a query (detokenize decodes the text between special tokens on its own, so splitting there first
+    changes nothing else)."""
+    masks = {i: name for name, i in tokenizer.mask_ids.items()}
+    parts, run = [], []
+    for token in ids:
+        if token in masks:
+            parts += [tokenizer.detokenize(run), masks[token]]
+            run = []
+        else:
+            run.append(token)
+    parts.append(tokenizer.detokenize(run))
+    return "".join(parts)
 
 
 def tokenizer_info(tokenizer: GLMTokenizer, max_model_len: int) -> dict[str, Any]:
@@ -76,4 +93,4 @@ def add_tokenizer_routes(
     async def detokenize(http: HTTPRequest) -> dict:
         body = await read_body(http)
         ids = check_token_ids(body.get("tokens"), tokenizer.vocab_size, "tokens", empty=True)
-        return {"prompt": tokenizer.detokenize(ids)}
+        return {"prompt": decode(tokenizer, ids)}
