@@ -1,4 +1,5 @@
-"""fp32 matmuls on the CPU through glm/kernels/ (gemv.h for <= 16 rows, gemm.h for more), else F.linear.
+"""fp32 matmuls on the CPU through glm/kernels/ (gemv.h for <= 16 rows, gemm.h for more), else F.linear;
+and the quantized layers' fp32 prefill GEMM (`quantized_linear`, registered by glm/quantize.py).
 
 A decode step multiplies one to a few rows by every weight, so it runs at the speed the weights stream
 from memory. On the measured AVX2 machine MKL's F.linear with a few rows reaches 12-16 GB/s where the
@@ -64,6 +65,16 @@ def _native_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and native() is not None
     )
+
+
+def quantized_linear(x: Tensor, weight: Tensor, scale: Tensor, bits: int) -> Tensor | None:
+    """x [M, K] fp32 times an INT8 / INT4 weight as quantization/schemes.py stores it (scale fp16 [N,
+    groups]), dequantised per packed tile inside the blocked GEMM (exactly: the fp32 GEMM of the dequantised
+    weight); None where the native kernels do not apply (quantization/cpu.py then dequantises tiles)."""
+    if not (x.is_cpu and weight.is_cpu and x.shape[-1] % 8 == 0 and (x.shape[-1] // scale.shape[1]) % 8 == 0):
+        return None
+    kernels = native()
+    return None if kernels is None else kernels.quantized_linear(x, weight, scale, bits)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

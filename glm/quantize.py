@@ -9,15 +9,18 @@ the tied output layer gets an INT8 copy of the embeddings (`output_layer=True`; 
 
 The quantized layers are plain modules of the library, not subclasses of glm.model.Linear: they keep the
 replaced layer's `reduce` (set by the tensor-parallel transform, which runs first) and receive their tensors
-through the loader's `load_weight` / `finish_loading` hooks. `model.quantization` records the spec.
+through the loader's `load_weight` / `finish_loading` hooks. `model.quantization` records the spec. Their
+fp32 prefill matmuls on the CPU run glm's blocked GEMM, which dequantises per tile (registered here).
 """
 
 from __future__ import annotations
 
 import functools
 
+from glm import cpu_matmul
 from glm.loading import Transform
 from glm.model import GLM
+from quantization.cpu import use_prefill_gemm
 from quantization.layers import QuantizedLinear, QuantizedOutputLayer
 from quantization.spec import QuantizationSpec
 
@@ -40,6 +43,7 @@ def quantize(
     """Swap in quantized layers (in place; returns the model). `from_quantized_checkpoint` makes float
     weights in the checkpoint an error instead of quantizing them while loading."""
     spec = QuantizationSpec(bits, scheme, group_size)
+    use_prefill_gemm(cpu_matmul.quantized_linear)
     for layer in model.transformer.layers:
         for parent_name, name in QUANTIZED_LINEARS:
             QuantizedLinear.swap(getattr(layer, parent_name), name, spec, from_quantized_checkpoint)

@@ -7,7 +7,9 @@ AVX2 an fp32 model dequantises and multiplies in fp32 (as prefill does), and a b
 fused weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; the INT4 one needs its own
 copy of the weight, made on first use).
 
-Prefill (many rows): dequantise the weight (in tiles of rows of at most PREFILL_TILE_BYTES) into a float
+Prefill (many rows) in fp32: the GEMM registered by `use_prefill_gemm` (glm's blocked GEMM, which
+dequantises each packed tile exactly, so its result is the fp32 GEMM of the dequantised weight). Otherwise,
+and in other dtypes: dequantise the weight (in tiles of rows of at most PREFILL_TILE_BYTES) into a float
 buffer that each thread keeps for its next call, and multiply each tile into its columns of the output with
 one dense matmul in the activations' dtype. A fresh float weight per call would page-fault (50 MB: 36 ms);
 the kept buffer costs at most the tile size.
@@ -29,6 +31,7 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -46,6 +49,16 @@ DECODE_MAX_ROWS = 8
 # sgemm with 512 x 1536 activations runs ~1.3 x slower on 1024 weight rows than on >= 4096.
 PREFILL_TILE_BYTES = 32 << 20
 _scratch = threading.local()  # each thread's tile buffers by dtype, kept for its next call (no page faults)
+# An fp32 GEMM that dequantises the weight per tile itself (rows [M, in], weight, scale [out, groups] fp16,
+# bits) -> [M, out], or None where it cannot run. A dense kernel library registers it (glm registers its
+# blocked GEMM, glm/cpu_matmul.py); without one, prefill dequantises tiles and multiplies with torch.mm.
+PrefillGemm = Callable[[Tensor, Tensor, Tensor, int], "Tensor | None"]
+_prefill_gemm: list[PrefillGemm] = []
+
+
+def use_prefill_gemm(gemm: PrefillGemm) -> None:
+    """Run fp32 prefill matmuls through `gemm` (see PrefillGemm), where it can."""
+    _prefill_gemm[:] = [gemm]
 
 
 @functools.cache
@@ -81,6 +94,10 @@ def quantized_matmul(rows: Tensor, weight: Tensor, scale: Tensor, bits: int, dty
     if torch.is_grad_enabled() and rows.requires_grad:  # out= below records no autograd
         return F.linear(rows.to(dtype), dequantize(weight, scale, bits, dtype))
     groups = scale_groups(scale).contiguous()
+    if dtype == torch.float32 and _prefill_gemm:
+        y = _prefill_gemm[0](rows.float().contiguous(), weight, groups, bits)
+        if y is not None:
+            return y
     out_features, in_features = weight.shape[0], rows.shape[1]
     tiles = max(1, math.ceil(out_features * in_features * 4 / PREFILL_TILE_BYTES))
     tile = max(1, math.ceil(out_features / tiles))  # even tiles

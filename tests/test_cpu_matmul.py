@@ -130,3 +130,51 @@ def test_the_avx512_build_compiles(tmp_path):
         command = [compiler, "-std=c++17", "-fsyntax-only", *ISA_FLAGS["avx512"], *includes, str(source)]
         done = subprocess.run(command, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("bits", "scheme", "group_size"), [(8, "row", None), (4, "row", None), (8, "group", 64), (4, "group", 32)]
+)
+@pytest.mark.parametrize("rows", [1, 9, 17, 131])
+@pytest.mark.parametrize(("n", "k"), [(7, 64), (1537, 1536)])
+def test_the_quantized_gemm_is_the_dense_gemm_of_the_dequantised_weight(bits, scheme, group_size, rows, n, k):
+    from quantization.schemes import dequantize, quantize_weight, scale_groups, stored_weight
+    from quantization.spec import QuantizationSpec
+
+    generator = torch.Generator().manual_seed(rows * 10 + bits)
+    values, scale = quantize_weight(
+        torch.randn(n, k, generator=generator), QuantizationSpec(bits, scheme, group_size)
+    )
+    weight = stored_weight(values, bits)
+    x = torch.randn(rows, k, generator=generator)
+    y = cpu_matmul.quantized_linear(x, weight, scale_groups(scale).contiguous(), bits)
+    dense = dequantize(weight, scale, bits)  # exact in fp32
+    # The packed tiles are dequantised exactly, so the result is the fp32 GEMM's bit for bit (the dense
+    # linear runs the GEMM from 17 rows, the weight-streaming kernel below) ...
+    if rows >= 17:
+        assert torch.equal(y, native.linear(x, dense, None))
+    # ... which is fp32 math: within a k-term fp32 dot product's rounding of the float64 result
+    expected = reference(x, dense)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-6 * k**0.5 * expected.abs().max())
+
+
+@needs_native
+def test_quantized_prefill_runs_the_registered_gemm(monkeypatch):
+    from quantization import cpu
+    from quantization.schemes import dequantize, quantize_weight
+    from quantization.spec import QuantizationSpec
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return cpu_matmul.quantized_linear(*args)
+
+    monkeypatch.setattr(cpu, "_prefill_gemm", [spy])
+    weight, scale = quantize_weight(torch.randn(96, 64), QuantizationSpec(8))
+    x = torch.randn(20, 64)
+    y = cpu.CPUKernel(8)(x, weight, scale)
+    assert calls == [20] and torch.equal(y, native.linear(x, dequantize(weight, scale, 8), None))
+    cpu.CPUKernel(8)(x.bfloat16(), weight, scale)  # bf16 prefill: torch's matmul in bf16, not the fp32 GEMM
+    assert calls == [20]

@@ -4,7 +4,7 @@
 // sections 6-7); this is the BLIS loop structure around one register-blocked microkernel. For each depth
 // block of KC columns, the activations are packed into strips of MR rows (Ap[p][i]); for each NR-column
 // panel of the output, the NR weight rows are packed transposed (Bp[p][j]), widened to fp32 (16-bit
-// weights exactly), and held in L1 while the microkernel runs it against every strip: MR x NR accumulators
+// weights exactly, INT8 / INT4 dequantised exactly: the weight is never materialised in fp32), and held in L1 while the microkernel runs it against every strip: MR x NR accumulators
 // in registers, MR broadcasts and NR / width vector loads per depth step. Threads take disjoint column
 // panels, so every output element is one thread's FMA chain over k in order: the result does not depend
 // on the thread count or on the vector width (AVX2 and AVX-512 builds agree bit for bit).
@@ -76,14 +76,46 @@ inline void transpose8(__m256 (&r)[8]) {
   r[7] = _mm256_permute2f128_ps(u[3], u[7], 0x31);
 }
 
-// Bp[p][j] = w[n0 + j][p0 + p] for j < NR (zero past n_rows), kc % 8 == 0.
+// The weights a GEMM reads, row n's columns [p, p + 8) widened to fp32 by `load8(n, p)` (p % 8 == 0).
 template <typename W>
-inline void pack_weights(const W* w, int64_t k, int64_t n0, int64_t n_rows, int64_t p0, int64_t kc, float* bp) {
+struct DenseRows {  // fp32, fp16 or bf16 [N, K]
+  const W* w;
+  int64_t k;
+  __m256 load8(int64_t n, int64_t p) const { return widen8(w + n * k + p); }
+};
+
+// INT8 or INT4 [N, K] (quantization/schemes.py: INT4 two columns a byte, 2i in the high nibble) with fp16
+// scales [N, groups], each group `width` consecutive columns (width % 8 == 0). q * scale is exact in fp32
+// (8 + 11 significant bits), so this GEMM equals the fp32 GEMM of the dequantised weight bit for bit.
+struct QuantizedRows {
+  const int8_t* w;
+  const c10::Half* scale;
+  int64_t k, groups, width;
+  bool int4;
+  __m256 load8(int64_t n, int64_t p) const {
+    const __m256 s = _mm256_set1_ps(static_cast<float>(scale[n * groups + p / width]));
+    __m256i q;
+    if (int4) {
+      int32_t packed;  // 8 columns in 4 bytes
+      std::memcpy(&packed, w + n * (k / 2) + p / 2, 4);
+      const __m128i b = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(packed));  // bytes, sign-extended
+      const __m128i high = _mm_srai_epi32(b, 4), low = _mm_srai_epi32(_mm_slli_epi32(b, 28), 28);
+      q = _mm256_set_m128i(_mm_unpackhi_epi32(high, low), _mm_unpacklo_epi32(high, low));
+    } else {
+      q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + n * k + p)));
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), s);
+  }
+};
+
+// Bp[p][j] = w[n0 + j][p0 + p] for j < NR (zero past n_rows), kc % 8 == 0.
+template <typename Rows>
+inline void pack_weights(const Rows& w, int64_t n0, int64_t n_rows, int64_t p0, int64_t kc, float* bp) {
   for (int j0 = 0; j0 < kNR; j0 += 8) {
     const int64_t valid = std::min<int64_t>(8, std::max<int64_t>(0, n_rows - n0 - j0));
     for (int64_t p = 0; p < kc; p += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = i < valid ? widen8(w + (n0 + j0 + i) * k + p0 + p) : _mm256_setzero_ps();
+      for (int i = 0; i < 8; ++i) r[i] = i < valid ? w.load8(n0 + j0 + i, p0 + p) : _mm256_setzero_ps();
       transpose8(r);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(bp + (p + i) * kNR + j0, r[i]);
     }
@@ -122,13 +154,14 @@ inline void edge_microkernel(const float* ap, const float* bp, int64_t kc, float
   for (int i = 0; i < mr; ++i) std::memcpy(c + i * ldc, tile + i * kNR, sizeof(float) * nr);
 }
 
-// y [m_rows, n_rows] = x [m_rows, k] w [n_rows, k]^T (+ bias [n_rows]); k % 8 == 0.
+// y [m_rows, n_rows] = x [m_rows, k] w [n_rows, k]^T (+ bias [n_rows]); k % 8 == 0; w a DenseRows or
+// QuantizedRows.
 //
 // Each thread takes a contiguous range of column panels. Per kMC rows of x it packs those rows once for
 // every depth block, then walks its panels kNC columns at a time, depth block by depth block, so that the
 // output block it accumulates into (kMC x kNC) and one depth block of packed rows stay in L2 together.
-template <typename W>
-void matmul(const float* x, const W* w, const float* bias, float* y, int64_t m_rows, int64_t k, int64_t n_rows) {
+template <typename Rows>
+void matmul(const float* x, const Rows& w, const float* bias, float* y, int64_t m_rows, int64_t k, int64_t n_rows) {
   constexpr int64_t kMC = 32 * kMR, kNC = 256;
   const int64_t panels = (n_rows + kNR - 1) / kNR, blocks = (k + kKC - 1) / kKC;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
@@ -147,7 +180,7 @@ void matmul(const float* x, const W* w, const float* bias, float* y, int64_t m_r
           for (int64_t panel = first; panel < last; ++panel) {
             const int64_t n0 = panel * kNR;
             const int nr = static_cast<int>(std::min<int64_t>(kNR, n_rows - n0));
-            pack_weights(w, k, n0, n_rows, p0, kc, bp);
+            pack_weights(w, n0, n_rows, p0, kc, bp);
             const float* init = nullptr;
             if (bias && p0 == 0) {
               std::fill(padded_bias, padded_bias + kNR, 0.f);

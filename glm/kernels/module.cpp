@@ -29,7 +29,7 @@ constexpr int64_t kGemmMinRows = 17;
 template <typename W>
 void matmul(const float* x, const W* w, const float* bias, float* y, int64_t m, int64_t k, int64_t n) {
   if (m >= kGemmMinRows) {
-    gemm::matmul(x, w, bias, y, m, k, n);
+    gemm::matmul(x, gemm::DenseRows<W>{w, k}, bias, y, m, k, n);
   } else {
     gemv::matmul(x, w, bias, y, m, k, n);
   }
@@ -152,9 +152,37 @@ torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv,
   return out;
 }
 
+// y [..., N] = x [..., K] (fp32) times the dequantised INT8 / INT4 weight [N, K] (`bits`; INT4 packed [N, K / 2])
+// with fp16 scales [N, groups], through the blocked GEMM (prefill; quantization's own kernel streams decode).
+torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                               int64_t bits) {
+  TORCH_CHECK(x.dim() >= 1, "x: float32 [..., K]");
+  const int64_t k = x.size(-1);
+  rows_of(x, k, "x");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.is_contiguous() && weight.dim() == 2 &&
+                  weight.size(1) * (bits == 4 ? 2 : 1) == k,
+              "weight: int8 [N, K] (INT8) or [N, K / 2] (INT4), contiguous");
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(scale.dtype() == torch::kHalf && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == n,
+              "scale: float16 [N, groups], contiguous");
+  const int64_t groups = scale.size(1);
+  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 8 == 0, "scale groups: K / groups a multiple of 8");
+  const int64_t m = k ? x.numel() / k : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  auto y = torch::empty(sizes, x.options());
+  const gemm::QuantizedRows rows{weight.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), k, groups, k / groups,
+                                 bits == 4};
+  gemm::matmul(x.data_ptr<float>(), rows, nullptr, y.data_ptr<float>(), m, k, n);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x W^T (+ bias) for a few fp32 rows; fp32, fp16 or bf16 weights", py::arg("x"),
         py::arg("weight"), py::arg("bias") = py::none());
+  m.def("quantized_linear", &quantized_linear, "x W^T for fp32 rows and an INT8 / INT4 weight (blocked GEMM)",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bits"));
   m.def("attention_input", &attention_input, "LayerNorm, qkv matmul and rotary of a GLM block (decode)");
   m.def("attention_output", &attention_output, "attention, dense, residuals, LayerNorm and GeGLU (decode)");
 }
