@@ -1,5 +1,6 @@
 """Adapter files: a folder holding `adapter.safetensors` (the unsharded adapter tensors, fp32) and
-`adapter_config.json` (the method, its options and the identity of the base checkpoint it was trained on).
+`adapter_config.json` (the method, "lora" or "ptuning" (glm.adapters.methods), its options and the identity
+of the base checkpoint it was trained on).
 
 The base identity is a sha256 of the model config and of a few stored tensors (the final LayerNorm and the
 first rows of the word embeddings, as fp16): the same for a checkpoint loaded in any dtype, at any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glm.adapters.lora import LoRAOptions, apply_lora, full_state_dict, load_full_state_dict
+from glm.adapters.methods import METHODS, method_named, method_of
 from glm.checkpoint import CheckpointFolder, open_checkpoint
 from glm.config import GLMConfig
 from glm.model import GLM
@@ -44,21 +45,21 @@ def base_identity(checkpoint: str | Path | CheckpointFolder, config: GLMConfig) 
 
 
 def save_adapter(folder: str | Path, model: GLM, identity: str, extra: dict[str, Any] | None = None) -> Path:
-    """Write the model's LoRA adapter into `folder` (replaced as a whole: written to a temporary folder
-    beside it, then renamed, so a failure leaves the previous one untouched)."""
+    """Write the model's adapter (LoRA or P-tuning) into `folder` (replaced as a whole: written to a
+    temporary folder beside it, then renamed, so a failure leaves the previous one untouched)."""
     from safetensors.torch import save_file
 
-    options: LoRAOptions = model.lora
+    method, options = method_of(model)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tensors = full_state_dict(model)
+    tensors = method.full_state_dict(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE)
         meta = {
             "format": FORMAT,
             "version": VERSION,
-            "method": "lora",
+            "method": method.name,
             "options": options.to_dict(),
             "base": {"identity": identity, "model": model.config.to_dict()},
             **(extra or {}),
@@ -89,8 +90,11 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]
         meta = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path}: not valid JSON ({error.msg})") from None
-    if meta.get("format") != FORMAT or meta.get("method") != "lora":
-        raise ValueError(f"{config_path}: not a LoRA adapter of this project (format {meta.get('format')!r})")
+    if meta.get("format") != FORMAT or meta.get("method") not in METHODS:
+        raise ValueError(
+            f"{config_path}: not an adapter of this project (format {meta.get('format')!r}, method "
+            f"{meta.get('method')!r}; glm-finetune writes {FORMAT!r} with method {' or '.join(METHODS)})"
+        )
     if meta.get("version") != VERSION:
         raise ValueError(
             f"{config_path}: adapter format version {meta.get('version')}; this build reads {VERSION}"
@@ -112,12 +116,11 @@ def attach_adapter(model: GLM, folder: str | Path, checkpoint: str | Path | Chec
     """Wrap `model` (loaded from `checkpoint`) with the adapter of `folder`, in place; returns the model."""
     meta, tensors = read_adapter(folder)
     check_base(meta, base_identity(checkpoint, model.config), folder, checkpoint)
-    apply_lora(model, LoRAOptions.from_dict(meta["options"]))
+    method = method_named(meta["method"])
+    method.apply(model, method.options.from_dict(meta["options"]), initialise=False)
     try:
-        load_full_state_dict(model, tensors)
+        method.load_full_state_dict(model, tensors)
     except ValueError as error:
         raise ValueError(f"adapter {folder}: {error}") from None
-    for layer in model.modules():  # the adapter's tensors follow the model's device and stay fp32
-        if hasattr(layer, "lora_A"):
-            layer.eval()
+    model.eval()  # no adapter dropout when generating; the adapter's tensors stay fp32 on the model's device
     return model

@@ -9,9 +9,9 @@ from dataclasses import dataclass, fields
 from glm.cli.common import ArgumentParser, add_model_arguments
 
 DESCRIPTION = (
-    "Fine-tune a checkpoint with LoRA on a JSON-lines file of prompts and completions or on a task YAML's "
-    "labelled data, the loss on the blank's tokens as generation fills them; or --merge an adapter into a "
-    "checkpoint. Resumable: rerun the same command after a stop."
+    "Fine-tune a checkpoint with LoRA or P-tuning v2 on a JSON-lines file of prompts and completions or "
+    "on a task YAML's labelled data, the loss on the blank's tokens as generation fills them; or --merge "
+    "a LoRA adapter into a checkpoint. Resumable: rerun the same command after a stop."
 )
 LORA_TARGETS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -20,10 +20,12 @@ LORA_TARGETS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_
 class FinetuneConfig:
     """What a run is; saved with its state, so a resumed run goes on with the same settings and data order."""
 
+    method: str = "lora"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ("attention.query_key_value", "attention.dense")
+    prefix_length: int = 16
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
@@ -64,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-path", default=".", help="task YAML: base folder of the task's `path`")
     data.add_argument(
         "--max-length", type=int, default=d.max_length, help="tokens per example (left-truncated)"
+    )
+    p.add_argument(
+        "--method",
+        choices=["lora", "ptuning"],
+        default=d.method,
+        help="lora: low-rank updates of the --targets; ptuning: P-tuning v2, trainable prefix keys and "
+        "values in every layer (--prefix-length)",
+    )
+    p.add_argument(
+        "--prefix-length", type=int, default=d.prefix_length, help="ptuning: prefix tokens per layer"
     )
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=d.rank)

@@ -1,6 +1,7 @@
-"""`glm-finetune` / `python -m glm.finetune`: LoRA fine-tuning of a checkpoint (glm.finetune.loop) on a
-JSON-lines file of prompts and completions or a task YAML's data (glm.finetune.data), and `--merge` of an
-adapter into a checkpoint (glm.finetune.merge). `--help` answers before torch loads."""
+"""`glm-finetune` / `python -m glm.finetune`: LoRA or P-tuning v2 fine-tuning of a checkpoint
+(glm.finetune.loop) on a JSON-lines file of prompts and completions or a task YAML's data
+(glm.finetune.data), and `--merge` of a LoRA adapter into a checkpoint (glm.finetune.merge). `--help`
+answers before torch loads."""
 
 from __future__ import annotations
 

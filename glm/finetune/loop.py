@@ -1,4 +1,5 @@
-"""The fine-tuning loop: LoRA over a frozen (float or quantized) base, the loss on the blank's tokens.
+"""The fine-tuning loop: LoRA or P-tuning v2 (glm.adapters.methods) over a frozen (float or quantized) base,
+the loss on the blank's tokens.
 
 Deterministic by --seed and resumable: the examples are read in a seeded permutation per epoch, and
 micro-batch g of the run takes examples [g * batch, (g + 1) * batch) of that endless order, so a resumed
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from glm.adapters.lora import LoRAOptions, apply_lora, full_state_dict, load_full_state_dict
+from glm.adapters.lora import LoRAOptions
+from glm.adapters.methods import method_named
+from glm.adapters.prefix import PrefixOptions
 from glm.cli.finetune import FinetuneConfig
 from glm.finetune.data import Example
 from glm.model import GLM
@@ -34,6 +37,11 @@ STATE_FILE = "finetune_state.pt"
 
 def lora_options(cfg: FinetuneConfig) -> LoRAOptions:
     return LoRAOptions(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+
+
+def adapter_options(cfg: FinetuneConfig) -> LoRAOptions | PrefixOptions:
+    """The options of the run's --method."""
+    return lora_options(cfg) if cfg.method == "lora" else PrefixOptions(cfg.prefix_length)
 
 
 def enable_gradient_checkpointing(model: GLM) -> None:
@@ -113,10 +121,12 @@ def train(
     stop_after: int | None = None,
     quiet: bool = False,
 ) -> list[dict]:
-    """Fine-tune `model` in place (a LoRA is applied to it; a state in `output` is resumed) and return the
-    log records of this invocation. `ids` is (sop, eop, pad)."""
+    """Fine-tune `model` in place (the adapter of --method is applied to it; a state in `output` is resumed)
+    and return the log records of this invocation. `ids` is (sop, eop, pad)."""
     if not examples:
         raise ValueError("no training examples")
+    method = method_named(cfg.method)
+    options = adapter_options(cfg)  # checked before anything is written
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
@@ -126,14 +136,14 @@ def train(
             f"{state_path} is a run over another base model ({state['identity']}, this one {identity}): "
             "use another --output, or the run's own --checkpoint"
         )
-    apply_lora(model, lora_options(cfg), seed=cfg.seed)
+    method.apply(model, options, seed=cfg.seed, initialise=state is None)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:
-        load_full_state_dict(model, state["adapter"])
+        method.load_full_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         if not quiet:
@@ -143,7 +153,7 @@ def train(
         tmp = state_path.with_suffix(".tmp")
         torch.save(
             {
-                "adapter": full_state_dict(model),
+                "adapter": method.full_state_dict(model),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "config": json.dumps(asdict(cfg)),

@@ -35,6 +35,11 @@ def merge_adapter(
             "then quantize the result"
         )
     adapter_meta, tensors = read_adapter(adapter)
+    if adapter_meta["method"] != "lora":
+        raise ValueError(
+            f"--merge: {adapter} is a P-tuning adapter (prefix keys and values every layer attends to, not a "
+            "weight update): it cannot be merged into the weights; load it with --adapter instead"
+        )
     check_base(adapter_meta, base_identity(folder, config), adapter, checkpoint)
     state, tensor_parallel_size = load_state_dict(folder.folder)
     scaling = LoRAOptions.from_dict(adapter_meta["options"]).scaling

@@ -14,7 +14,7 @@ from glm.adapters.files import base_identity, save_adapter
 from glm.api import load_from_args
 from glm.cli.finetune import FinetuneConfig
 from glm.finetune.data import Example, prompt_example, read_prompts, task_examples, task_files
-from glm.finetune.loop import STATE_FILE, train
+from glm.finetune.loop import STATE_FILE, adapter_options, train
 from glm.model import GLM
 from glm.tokenizer import GLMTokenizer
 
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig) -> int:
         raise ValueError("--adapter with training: a run trains a new adapter (merge one first with --merge)")
     if args.tensor_parallel_size and args.tensor_parallel_size > 1:
         raise ValueError("fine-tuning under tensor parallelism is not supported yet: train on one device")
+    adapter_options(cfg)  # a bad --rank or --prefix-length fails here, before the model loads
     for path in (args.data, args.eval_data):
         if path and not is_task(args.data):
             read_prompts(path)  # a bad line fails here, before the model loads
