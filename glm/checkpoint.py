@@ -18,10 +18,8 @@ import functools
 import importlib.util
 import json
 import mmap
-import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor
 
 from glm.config import GLMConfig
+from glm.files import publish_folder
 from glm.sharding import Split, full_shape, slice_views, split_dim, split_rule, split_state_dict
 from glm.tokenizer import GLMTokenizer
 
@@ -270,41 +269,6 @@ def check_tensor_parallel_size(config: GLMConfig, size: int) -> None:
         )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-_OWNER_FILE = ".writing-pid"
-
-
-def remove_stale_temp_folders(folder: Path) -> list[Path]:
-    """Remove temporary folders an earlier, killed write of `folder` left beside it (their writing process
-    is gone); returns what was removed."""
-    removed = []
-    for candidate in folder.parent.glob(f".{folder.name}.*"):
-        owner = candidate / _OWNER_FILE
-        try:
-            pid = int(owner.read_text())
-        except (OSError, ValueError):
-            continue  # not ours
-        if not _pid_alive(pid):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
 def write_checkpoint(
     folder: str | Path,
     rank_state_dict: Callable[[int], dict[str, Tensor]],
@@ -327,9 +291,7 @@ def write_checkpoint(
         raise CheckpointError(f"{folder} already exists; choose another output folder or remove it")
     check_tensor_parallel_size(config, tensor_parallel_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        (tmp / _OWNER_FILE).write_text(str(os.getpid()))
+    with publish_folder(folder) as tmp:
         (tmp / tag).mkdir()
         dtype = None
         for rank in range(tensor_parallel_size):
@@ -353,14 +315,6 @@ def write_checkpoint(
         elif tokenizer is not None:
             meta["tokenizer"] = tokenizer
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        (tmp / _OWNER_FILE).unlink()
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates it private
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quantization-group-size needs --quantization-scheme group")
 
     from glm.api import resolve_config
-    from glm.checkpoint import CheckpointError, remove_stale_temp_folders
+    from glm.checkpoint import CheckpointError
+    from glm.files import remove_stale_temp_folders
 
     for stale in remove_stale_temp_folders(args.output_folder):
         print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from torch import Tensor
 from glm.adapters.methods import METHODS, method_named, method_of
 from glm.checkpoint import CheckpointFolder, open_checkpoint
 from glm.config import GLMConfig
+from glm.files import publish_folder
 from glm.model import GLM
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -53,8 +51,7 @@ def save_adapter(folder: str | Path, model: GLM, identity: str, extra: dict[str,
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = method.full_state_dict(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with publish_folder(folder) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE)
         meta = {
             "format": FORMAT,
@@ -65,13 +62,6 @@ def save_adapter(folder: str | Path, model: GLM, identity: str, extra: dict[str,
             **(extra or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
