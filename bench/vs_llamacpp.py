@@ -49,7 +49,6 @@ FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "
 PROJECT_PROBE = """
 import json, time, torch
 torch.set_num_threads({threads})
-from bench.benchmark import cpu_snapshot, other_cores
 from bench.vs_llamacpp import timed
 from glm.decoding import generate
 from glm.decoding.strategies import BaseStrategy
@@ -64,13 +63,12 @@ def run(steps):  # the times at which each token is out: the first after the pre
                         on_step=lambda _: stamps.append(time.perf_counter()))
     assert len(beams[0]) == len(prompt) + 1 + steps and len(stamps) == steps + 2
     return stamps
-print(json.dumps(timed(run, {tokens}, {repeats}, cpu_snapshot, other_cores)))
+print(json.dumps(timed(run, {tokens}, {repeats})))
 """
 
 LLAMA_PROBE = """
 import json, time, numpy as np
 import llama_cpp
-from bench.benchmark import cpu_snapshot, other_cores
 from bench.vs_llamacpp import timed
 llm = llama_cpp.Llama({path!r}, n_ctx=512, n_batch=512, n_threads={threads}, n_threads_batch={threads},
                       verbose=False)
@@ -90,14 +88,16 @@ def run(steps):  # the times at which each token is out: the first after the pre
         token = last_argmax()
         stamps.append(time.perf_counter())
     return stamps
-print(json.dumps(timed(run, {tokens}, {repeats}, cpu_snapshot, other_cores)))
+print(json.dumps(timed(run, {tokens}, {repeats})))
 """
 
 
-def timed(run, steps: int, repeats: int, cpu_snapshot, other_cores) -> dict[str, float]:
+def timed(run, steps: int, repeats: int) -> dict[str, float]:
     """Run inside a probe process: after a warm-up run (the whole prompt, 2 steps), the best of `repeats`
     runs' prefill seconds (to the first token) and decode seconds (the `steps` tokens after it), with the
     cores other processes kept busy meanwhile. `run(steps)` returns the start time and each token's."""
+    from bench.benchmark import cpu_snapshot, other_cores
+
     run(2)
     before = cpu_snapshot()
     stamps = [run(steps) for _ in range(repeats)]

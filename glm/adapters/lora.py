@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glm.adapters.shards import check_tensor_names, gather_shards
 from glm.model import GLM
 from glm.sharding import ShardSpec, merge_tensors, split_tensor
 
@@ -135,21 +136,11 @@ def full_state_dict(model: GLM) -> dict[str, Tensor]:
     for name, layer in lora_layers(model).items():
         a, b = layer.lora_A.detach().float(), layer.lora_B.detach().float()
         if shard.world_size > 1 and layer.row_parallel:
-            a = merge_tensors(_weight_key(name), _gather(a, shard))
+            a = merge_tensors(_weight_key(name), gather_shards(a, shard))
         elif shard.world_size > 1:
-            b = merge_tensors(_weight_key(name), _gather(b, shard))
+            b = merge_tensors(_weight_key(name), gather_shards(b, shard))
         out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a.cpu(), b.cpu()
     return out
-
-
-def _gather(t: Tensor, shard: ShardSpec) -> list[Tensor]:
-    import torch.distributed as dist
-
-    from glm.distributed import current
-
-    parts = [torch.empty_like(t) for _ in range(shard.world_size)]
-    dist.all_gather(parts, t.contiguous(), group=current().tensor_group)
-    return parts
 
 
 def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
@@ -157,12 +148,7 @@ def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
     extra or misshapen tensor is a ValueError naming it."""
     shard: ShardSpec = getattr(model, "shard", ShardSpec())
     layers = lora_layers(model)
-    expected = {f"{n}.lora_{w}" for n in layers for w in "AB"}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
-            f"adapter tensors do not fit the model: missing {missing[:2]}, unexpected {extra[:2]}"
-        )
+    check_tensor_names(state, {f"{n}.lora_{w}" for n in layers for w in "AB"})
     with torch.no_grad():
         for name, layer in layers.items():
             a, b = state[f"{name}.lora_A"], state[f"{name}.lora_B"]

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from glm.adapters.shards import check_tensor_names, gather_shards
 from glm.model import GLM, Cache, GLMBlock
 from glm.sharding import ShardSpec
 
@@ -166,19 +167,9 @@ def full_state_dict(model: GLM) -> dict[str, Tensor]:
         for what in ("key", "value"):
             t = getattr(prefix, what).detach().float()
             if shard.world_size > 1:
-                t = torch.cat(_gather(t, shard), dim=1)
+                t = torch.cat(gather_shards(t, shard), dim=1)
             out[f"{name}.{what}"] = t.cpu()
     return out
-
-
-def _gather(t: Tensor, shard: ShardSpec) -> list[Tensor]:
-    import torch.distributed as dist
-
-    from glm.distributed import current
-
-    parts = [torch.empty_like(t) for _ in range(shard.world_size)]
-    dist.all_gather(parts, t.contiguous(), group=current().tensor_group)
-    return parts
 
 
 def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
@@ -186,12 +177,7 @@ def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
     or misshapen tensor is a ValueError naming it."""
     shard: ShardSpec = getattr(model, "shard", ShardSpec())
     layers = prefix_layers(model)
-    expected = {f"{n}.{w}" for n in layers for w in ("key", "value")}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
-            f"adapter tensors do not fit the model: missing {missing[:2]}, unexpected {extra[:2]}"
-        )
+    check_tensor_names(state, {f"{n}.{w}" for n in layers for w in ("key", "value")})
     with torch.no_grad():
         for name, prefix in layers.items():
             for what in ("key", "value"):
