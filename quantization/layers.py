@@ -183,6 +183,19 @@ class QuantizedLinear(nn.Module):
         self._buffers["weight_int4pack"], self._buffers["weight_int4pack_scale"] = packed, scales_zeros
         self._kernel = Int4PackKernel(size)
 
+    def cpu_weight(self) -> tuple[Tensor, Tensor] | None:
+        """(weight, scale as [out, groups]) where this layer multiplies with the CPU kernel
+        (quantization/cpu_gemv.h, whose group width must be a multiple of 32), so another caller of that
+        kernel computes the same bits; None where it computes otherwise (packed for another kernel, a
+        kernel set by `set_kernel`, weights off the CPU)."""
+        weight = self.weight
+        if weight is None or weight.device.type != "cpu" or not isinstance(self._kernel, CPUKernel | None):
+            return None
+        scale = scale_groups(self.weight_scale)
+        if (self.in_features // scale.shape[1]) % 32 or not scale.is_contiguous():
+            return None
+        return weight, scale
+
     def matmul(self, x: Tensor) -> Tensor:
         """x W^T with the layer's kernel (no autograd: the kernels are written for inference)."""
         if self.weight is None:  # packed by prepare, which chose the kernel

@@ -10,9 +10,12 @@ import torch
 from conftest import tiny_config
 from tolerance import assert_fp32_close
 
+import quantization.cpu
 from glm import cpu_decode
-from glm.cpu_matmul import native
+from glm.cpu_matmul import native, quantized_linear
 from glm.model import GLM, KVCache, Linear, init_random_weights, rotary_tables
+from quantization import QuantizationSpec
+from quantization.layers import QuantizedLinear
 
 needs_native = pytest.mark.skipif(native() is None, reason="no AVX2 or no compiler: the modules run")
 
@@ -22,10 +25,10 @@ def fused_on(monkeypatch):
     monkeypatch.setattr(cpu_decode, "ENABLED", True)
 
 
-def random_block(dtype: torch.dtype, seed: int = 0):
+def random_block(dtype: torch.dtype, seed: int = 0, **config_overrides):
     """A block of tiny_config with non-trivial weights (layer norms and biases random too), its linears'
     weights stored in `dtype`."""
-    config = tiny_config(num_layers=1)
+    config = tiny_config(num_layers=1, **config_overrides)
     model = init_random_weights(GLM(config), seed=seed, std=0.3)
     generator = torch.Generator().manual_seed(seed + 1)
     block = model.transformer.layers[0]
@@ -127,4 +130,84 @@ def test_it_applies_only_to_plain_blocks_and_few_rows():
         pass
 
     block.mlp.dense_h_to_4h.__class__ = Quantized
+    assert not cpu_decode.applies(block, x, bias, Linear)
+
+
+QUANTIZED = [
+    QuantizationSpec(8),
+    QuantizationSpec(8, "group", 32),
+    QuantizationSpec(4),
+    QuantizationSpec(4, "group", 64),
+]
+# Widths the CPU's INT8 / INT4 kernel takes (every layer's input a multiple of 32 columns).
+QUANTIZABLE = dict(hidden_size=64, inner_hidden_size=128)
+
+
+def quantize_block(block, spec: QuantizationSpec):
+    """The block with its four linears swapped for quantized layers loaded from their float weights."""
+    for parent, name in (
+        (block.attention, "query_key_value"),
+        (block.attention, "dense"),
+        (block.mlp, "dense_h_to_4h"),
+        (block.mlp, "dense_4h_to_h"),
+    ):
+        linear = getattr(parent, name)
+        weight, bias = linear.weight.detach().float(), linear.bias.detach()
+        QuantizedLinear.swap(parent, name, spec, False)
+        layer = getattr(parent, name)
+        layer.load_weight("weight", weight, torch.float32, torch.device("cpu"))
+        layer.load_weight("bias", bias, torch.float32, torch.device("cpu"))
+        layer.finish_loading()
+    return block
+
+
+@needs_native
+@pytest.mark.parametrize("spec", QUANTIZED, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+def test_native_linear_multiplies_a_quantized_weight_as_its_layer_does(spec, rows, monkeypatch):
+    # The fused block runs the quantized layer's own kernel (quantization/cpu_gemv.h), compiled into the
+    # dense extension too: bit for bit what the layer computes, its decode kernel up to 8 rows and above
+    # that the blocked GEMM glm.quantize registers for it.
+    monkeypatch.setattr(quantization.cpu, "_prefill_gemm", [quantized_linear])
+    _, block = random_block(torch.float32, seed=rows, **QUANTIZABLE)
+    layer = quantize_block(block, spec).mlp.dense_h_to_4h
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows)) * 2
+    weight, scale = layer.cpu_weight()
+    with torch.no_grad():
+        assert torch.equal(native().linear(x, weight, layer.bias, scale), layer(x))
+
+
+@needs_native
+@pytest.mark.parametrize("spec", QUANTIZED, ids=str)
+@pytest.mark.parametrize(("batch", "width", "cached"), [(1, 1, 0), (1, 1, 37), (3, 1, 5), (2, 4, 9)])
+def test_fused_quantized_block_equals_the_modules(spec, batch, width, cached):
+    config, block = random_block(torch.float32, seed=batch * 10 + width, **QUANTIZABLE)
+    block = quantize_block(block, spec)
+    x, cos, sin, keys, values, bias = inputs(config, batch, width, cached, seed=cached)
+    with torch.no_grad():
+        assert cpu_decode.applies(block, x, bias, Linear)
+        cache = cache_of(keys, values, width, torch.float32)
+        got = block(x, cos, sin, bias, cache)
+        cpu_decode.ENABLED = False
+        expected_cache = cache_of(keys, values, width, torch.float32)
+        expected = block(x, cos, sin, bias, expected_cache)
+    # Both sides run the same integer matmuls; the small ops between them (the layer norms first) sum in
+    # another order, which can move an activation's int16 rounding (1 / 65534 of its row's largest value)
+    # by one step. 1e-4 of each result's largest value bounds that; a wrong weight, scale, nibble or group
+    # order gives 1e-2 and up.
+    pairs = ((got, expected), (cache.k[0], expected_cache.k[0]), (cache.v[0], expected_cache.v[0]))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
+
+
+@needs_native
+def test_a_quantized_layer_outside_the_cpu_kernel_runs_the_modules():
+    config, block = random_block(torch.float32, **QUANTIZABLE)
+    block = quantize_block(block, QuantizationSpec(4)).requires_grad_(False)
+    x, _, _, _, _, bias = inputs(config, 1, 1, 4, seed=0)
+    assert cpu_decode.applies(block, x, bias, Linear)
+    handle = block.attention.register_forward_pre_hook(lambda *_: None)  # offload streams the attention
+    assert not cpu_decode.applies(block, x, bias, Linear)
+    handle.remove()
+    block.mlp.dense_4h_to_h.set_kernel(lambda x, w, s: x)  # a kernel of its own
     assert not cpu_decode.applies(block, x, bias, Linear)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import assert_model_close
 from torch import Tensor, nn
 
+from glm import cpu_decode
 from glm.checkpoint import save_checkpoint
 from glm.config import GLMConfig
 from glm.decoding import generate
@@ -34,6 +36,15 @@ CONFIG = GLMConfig(
     vocab_size=128,
     max_sequence_length=64,
 )
+
+
+@pytest.fixture(autouse=True)
+def modules_path(monkeypatch):
+    """Offload is bit-identical to the resident model on the modules' path. A streamed block always takes
+    it (its linears carry the streaming hooks, which the fused decode block would skip), so the resident
+    model must too; `test_the_fused_decode_block_runs_beside_streamed_blocks` compares the default."""
+    monkeypatch.setattr(cpu_decode, "ENABLED", False)
+    monkeypatch.setenv("GLM_FUSED_DECODE", "0")  # the CLI's subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +97,32 @@ def test_greedy_and_beam_tokens_are_identical(checkpoint):
         want = generate(reference, contexts, make(), max_gen_length=12)
         got = generate(offloaded, contexts, make(), max_gen_length=12)
         assert got == want
+
+
+def test_the_fused_decode_block_runs_beside_streamed_blocks(checkpoint, monkeypatch):
+    monkeypatch.setattr(cpu_decode, "ENABLED", True)
+    fused = []
+    monkeypatch.setattr(cpu_decode, "block_forward", spy(cpu_decode.block_forward, fused))
+    reference, _ = load_model(checkpoint, dtype="float32")
+    offloaded, _ = load_model(checkpoint, dtype="float32", transforms=[Offload("70%", "cpu", torch.float32)])
+    streamed_layers = {name.split(".")[2] for name in offloaded.offload.plan.streamed_units}
+    resident_layers = CONFIG.num_layers - len(streamed_layers)
+    assert 0 < resident_layers < CONFIG.num_layers
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = forward_passes(reference, ids)
+    calls = len(fused)
+    got = forward_passes(offloaded, ids)
+    assert calls == 3 * CONFIG.num_layers and len(fused) - calls == 3 * resident_layers  # decode steps only
+    for a, b in zip(got, want, strict=True):
+        assert_model_close(a, b, CONFIG)  # streamed blocks ran the modules: equal up to summation order
+
+
+def spy(function: Callable, calls: list) -> Callable:
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper
 
 
 def test_everything_fits_is_a_no_op(checkpoint):
