@@ -198,10 +198,11 @@ def train(
                     total += loss.item()
                     tokens_seen += int((batch["tokens"] != ids[2]).sum())
                 sum_partial_gradients(params)
-                clip_gradients(params, cfg.grad_clip)
+                norm = float(clip_gradients(params, cfg.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 record = {"step": step + 1, "loss": round(total / labelled, 4), "lr": lr}
+                record["grad_norm"] = float(f"{norm:.6g}")  # the whole adapter's, before clipping
                 if eval_examples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     record["eval_loss"] = round(evaluate(model, eval_examples, cfg, ids), 4)
                 record["tokens_per_s"] = round(tokens_seen / max(1e-9, time.time() - began), 1)
