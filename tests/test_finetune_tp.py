@@ -2,7 +2,7 @@
 run in one process: the gradient of every adapter tensor (LoRA on every target layer, column- and
 row-parallel; P-tuning v2's prefix), gathered whole, is the one-process gradient; and a training run (LoRA
 with dropout and clipping, interrupted and resumed; P-tuning) gives, step by step, the same loss and the
-same gradient norm, and saves the same adapter."""
+same gradient norm, and saves the same adapter; a state written at 2 ranks resumes in one process."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from test_finetune import examples, ids_of, quick
 
 from glm import distributed, tensor_parallel
 from glm.adapters.files import read_adapter, save_adapter
+from glm.adapters.lora import full_state_dict
 from glm.adapters.methods import method_named
 from glm.finetune.gradients import sum_partial_gradients
 from glm.finetune.loop import adapter_options, batch_of, loss_sum, train
@@ -74,6 +75,8 @@ def _rank(rank: int, checkpoint: Path, out: Path) -> None:
     distributed.initialize(tensor_parallel_size=2)
     grads = {name: gradients(checkpoint, name) for name in RUNS}
     logs = fine_tune(checkpoint, out, {name: stops for name, (_, stops) in RUNS.items()})
+    model, tok = load_model(checkpoint, transforms=[tensor_parallel.transform()])  # half a run, to resume
+    train(model, examples(tok), RUNS["lora"][0], out / "half", ids_of(tok), "id", stop_after=2, quiet=True)
     if rank == 0:
         torch.save({"gradients": grads, "logs": logs}, out / "results.pt")
     distributed.shutdown()
@@ -100,6 +103,18 @@ def test_two_ranks_compute_the_one_process_gradients_and_adapter(tiny_checkpoint
         assert set(ours) == set(reference)
         for key, value in reference.items():
             assert relative_error(ours[key], value) <= ADAPTER, (name, key)
+    # the state is whole: a run started at 2 ranks resumes in one process
+    model, tok = load_model(tiny_checkpoint)
+    records = train(
+        model, examples(tok), RUNS["lora"][0], tmp_path / "two" / "half", ids_of(tok), "id", quiet=True
+    )
+    assert [r["step"] for r in records] == [3, 4]
+    for field in ("loss", "grad_norm"):
+        ours, reference = [r[field] for r in records], [r[field] for r in single["lora"][2:]]
+        assert relative_error(torch.tensor(ours), torch.tensor(reference)) <= LOGGED, (field, ours)
+    _, reference = read_adapter(tmp_path / "one" / "lora" / "adapter")
+    for key, value in full_state_dict(model).items():
+        assert relative_error(value, reference[key]) <= ADAPTER, key
     # rank 0 alone wrote, and only what one process writes
     assert sorted(p.name for p in (tmp_path / "two" / "lora").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "lora").iterdir()
