@@ -86,8 +86,9 @@ def run_transforms(tensor_parallel_size: int, bits: int | None) -> list[Transfor
         apply_tensor_parallel(model, 0, tensor_parallel_size)
         if tensor_parallel_size > 1:
             for module in model.modules():
-                if getattr(module, "reduce", None) is not None:
-                    module.reduce = _identity
+                for seam in ("reduce", "enter"):  # enter: the identity forward, an all-reduce backward
+                    if getattr(module, seam, None) is not None:
+                        setattr(module, seam, _identity)
             model.output_layer.gather = _MetaAllGather(tensor_parallel_size)
         return model
 

@@ -1,12 +1,13 @@
-"""The memory of one rank of a LoRA fine-tuning run: `python -m glm.plan_finetune --help`.
+"""The memory of one rank of a LoRA or P-tuning v2 fine-tuning run: `python -m glm.plan_finetune --help`.
 
 Base weights by precision are glm.plan's (the model built on the meta device, transformed as a run
-transforms it: tensor parallelism, INT8 / INT4). The adapter is counted from its shapes, with its gradient
-and AdamW's two moments (all fp32). Activations are measured: one forward and backward pass of a one- and a
-two-layer meta model with the adapter applied, tracking the live tensors (glm.plan's tracker), extrapolated
-to every layer (each block keeps the same tensors for the backward pass; with gradient checkpointing only
-its input). Attention is counted as the unfused math path ([b, nh, s, s] scores), as glm.plan does: an
-upper bound where a fused kernel runs.
+transforms it: tensor parallelism, INT8 / INT4). The adapter is counted from its shapes on that rank (a
+LoRA's shards follow its layer's split; a prefix keeps the rank's heads: 2 x layers x N x hidden / TP
+values), with its gradient and AdamW's two moments (all fp32). Activations are measured: one forward and
+backward pass of a one- and a two-layer meta model with the adapter applied, tracking the live tensors
+(glm.plan's tracker), extrapolated to every layer (each block keeps the same tensors for the backward
+pass; with gradient checkpointing only its input). Attention is counted as the unfused math path
+([b, nh, s, s] scores), as glm.plan does: an upper bound where a fused kernel runs.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from glm.adapters.lora import LoRAOptions, apply_lora, lora_layers
+from glm.adapters.lora import LoRAOptions, apply_lora
+from glm.adapters.prefix import PrefixOptions, apply_prefix
 from glm.cli.plan import build_finetune_parser
 from glm.config import GLMConfig, get_preset
 from glm.finetune.loop import enable_gradient_checkpointing
 from glm.loading import resolve_dtype
+from glm.model import GLM
 from glm.plan import (
     CUDA_WORKSPACE,
     ORIGINAL_HARDWARE,
@@ -32,6 +35,21 @@ from glm.plan import (
     run_transforms,
 )
 from glm.sizes import format_bytes, parse_memory
+
+Options = LoRAOptions | PrefixOptions  # the adapter planned: its options say which method
+
+
+def _apply(model: GLM, options: Options) -> None:
+    if isinstance(options, LoRAOptions):
+        apply_lora(model, options)
+    else:
+        apply_prefix(model, options, initialise=False)  # zeros: shapes are all that count on meta
+
+
+def describe_options(options: Options) -> str:
+    if isinstance(options, LoRAOptions):
+        return f"LoRA rank {options.rank} on {', '.join(options.targets)}"
+    return f"P-tuning v2, {options.length} prefix tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +74,7 @@ def _activation_peak(
     config: GLMConfig,
     layers: int,
     transforms,
-    options: LoRAOptions,
+    options: Options,
     dtype: torch.dtype,
     rows: int,
     length: int,
@@ -65,7 +83,7 @@ def _activation_peak(
     model = build_meta_model(dataclasses.replace(config, num_layers=layers), transforms)
     _run_on_meta(model).to(dtype)
     model.compute_device = torch.device("meta")
-    apply_lora(model, options)
+    _apply(model, options)
     if model.output_layer.gather is not None:  # glm.plan's stand-in, joined to the graph for the backward
         n = model.config.vocab_size // model.transformer.word_embeddings.num_embeddings
         model.output_layer.gather = lambda x: torch.cat([x, *(torch.empty_like(x) for _ in range(n - 1))], -1)
@@ -84,7 +102,7 @@ def _activation_peak(
 
 def plan_finetune(
     config: GLMConfig,
-    options: LoRAOptions,
+    options: Options,
     tensor_parallel_size: int = 1,
     bits: int | None = None,
     dtype: torch.dtype = torch.float16,
@@ -97,8 +115,9 @@ def plan_finetune(
     transforms = run_transforms(tensor_parallel_size, bits)
     weights = plan_memory(config, tensor_parallel_size, bits, dtype, device_type, max_length=length)
     model = build_meta_model(config, transforms)
-    apply_lora(model, options)
-    adapter = 4 * sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_layers(model).values())
+    model.compute_device = torch.device("meta")
+    _apply(model, options)
+    adapter = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # this rank's, fp32
     peaks = [
         _activation_peak(config, n, transforms, options, dtype, batch_size, length, checkpointing)
         for n in (1, 2)
@@ -133,9 +152,13 @@ def describe(plan: FinetunePlan) -> str:
     )
 
 
-def hardware_rows(config: GLMConfig, options: LoRAOptions, length: int, batch_size: int = 1) -> list[str]:
-    """Markdown rows: the original README's GPUs (INT8 / INT4 rows) fine-tuning GLM-130B, with and without
-    gradient checkpointing."""
+def short_name(options: Options) -> str:
+    return f"LoRA r{options.rank}" if isinstance(options, LoRAOptions) else f"P-tuning v2, N={options.length}"
+
+
+def hardware_rows(config: GLMConfig, options: Options, length: int, batch_size: int = 1) -> list[str]:
+    """Markdown rows: the original README's GPUs (INT8 / INT4 rows) fine-tuning GLM-130B with `options`'
+    adapter, with and without gradient checkpointing."""
     rows = []
     for hardware, gpus, memory, bits, _ in ORIGINAL_HARDWARE:
         if bits is None:
@@ -148,15 +171,20 @@ def hardware_rows(config: GLMConfig, options: LoRAOptions, length: int, batch_si
         ]
         fits = ["yes" if p.total <= parse_memory(memory) else "no" for p in plans]
         rows.append(
-            f"| {hardware} | INT{bits} | {memory} | {_gb(plans[0].weights)} | {_gb(plans[0].adapter * 4)} | "
-            f"{_gb(plans[0].activations)} ({fits[0]}) | {_gb(plans[1].activations)} ({fits[1]}) |"
+            f"| {hardware} | INT{bits} | {short_name(options)} | {memory} | {_gb(plans[0].weights)} | "
+            f"{_gb(plans[0].adapter * 4)} | {_gb(plans[0].activations)} ({fits[0]}) | "
+            f"{_gb(plans[1].activations)} ({fits[1]}) |"
         )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_finetune_parser().parse_args(argv)
-    options = LoRAOptions(args.rank, 2.0 * args.rank, 0.0, tuple(args.targets))
+    methods: list[Options] = []
+    if args.method in ("lora", "both"):
+        methods.append(LoRAOptions(args.rank, 2.0 * args.rank, 0.0, tuple(args.targets)))
+    if args.method in ("ptuning", "both"):
+        methods.append(PrefixOptions(args.prefix_length))
     config = get_preset(args.model) if args.model != "bundled" else None
     if config is None:
         from glm.checkpoint import read_metadata
@@ -165,27 +193,30 @@ def main(argv: list[str] | None = None) -> int:
         config = GLMConfig.from_dict(read_metadata(DEFAULT_MODEL)["model"])
     if args.hardware_table:
         print(
-            "| hardware | base | GPU memory | base weights / GPU | adapter + grads + AdamW / GPU | "
+            "| hardware | base | adapter | GPU memory | base weights / GPU | adapter + grads + AdamW / GPU | "
             "activations (fits) | with checkpointing (fits) |"
         )
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(hardware_rows(config, options, args.length, args.batch_size)))
+        print("|---|---|---|---|---|---|---|---|")
+        for options in methods:
+            print("\n".join(hardware_rows(config, options, args.length, args.batch_size)))
         return 0
     dtype = resolve_dtype(args.dtype, torch.device(args.device_type))
-    for checkpointing in (False, True):
-        plan = plan_finetune(
-            config,
-            options,
-            args.tensor_parallel_size,
-            args.quantization_bit_width,
-            dtype,
-            args.device_type,
-            args.batch_size,
-            args.length,
-            checkpointing,
-        )
-        print(f"{'with' if checkpointing else 'without'} gradient checkpointing:")
-        print(describe(plan))
+    for options in methods:
+        for checkpointing in (False, True):
+            plan = plan_finetune(
+                config,
+                options,
+                args.tensor_parallel_size,
+                args.quantization_bit_width,
+                dtype,
+                args.device_type,
+                args.batch_size,
+                args.length,
+                checkpointing,
+            )
+            which = "with" if checkpointing else "without"
+            print(f"{describe_options(options)}, {which} gradient checkpointing:")
+            print(describe(plan))
     return 0
 
 

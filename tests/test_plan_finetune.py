@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glm.adapters.lora import LoRAOptions
+from glm.adapters.prefix import PrefixOptions
 from glm.checkpoint import read_metadata
 from glm.config import GLMConfig, get_preset
 from glm.plan_finetune import hardware_rows, plan_finetune
@@ -69,3 +70,25 @@ def test_glm_130b_int4_on_four_gpus_is_sane():
     assert plan.activations > 0
     rows = hardware_rows(config, LoRAOptions(8, 16.0, 0.0, ATTENTION), 512)
     assert any(r.startswith("| 4 x RTX 3090 | INT4 |") for r in rows)
+
+
+def prefix_parameters(c: GLMConfig, length: int, tensor_parallel_size: int = 1) -> int:
+    """A key and a value [N, nh, hn] every layer, the heads split across the ranks: 2 L N h / TP."""
+    return 2 * c.num_layers * length * c.hidden_size // tensor_parallel_size
+
+
+def test_the_p_tuning_rows_are_the_hand_counts(bundled):
+    plan = plan_finetune(bundled, PrefixOptions(16), dtype=torch.float32, device_type="cpu")
+    assert plan.weights == 4 * parameters(bundled)  # the same frozen base as LoRA's
+    adapter = 4 * prefix_parameters(bundled, 16)  # fp32 prefix
+    assert plan.adapter == adapter and plan.gradients == adapter and plan.optimizer == 2 * adapter
+    checkpointed = plan_finetune(
+        bundled, PrefixOptions(16), dtype=torch.float32, device_type="cpu", checkpointing=True
+    )
+    assert 0 < checkpointed.activations < plan.activations
+    config = get_preset("glm-130b")
+    sharded = plan_finetune(config, PrefixOptions(16), 4, 4, torch.float16, "cuda", 1, 512)
+    assert sharded.adapter == 4 * prefix_parameters(config, 16, 4)  # each rank keeps its heads' prefix
+    assert sharded.activations > 0
+    rows = hardware_rows(config, PrefixOptions(16), 512)
+    assert any(r.startswith("| 4 x RTX 3090 | INT4 | P-tuning v2, N=16 |") for r in rows)

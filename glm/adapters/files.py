@@ -21,6 +21,7 @@ from torch import Tensor
 from glm.adapters.methods import METHODS, method_named, method_of
 from glm.checkpoint import CheckpointFolder, open_checkpoint
 from glm.config import GLMConfig
+from glm.distributed import is_main
 from glm.files import publish_folder
 from glm.model import GLM
 
@@ -44,13 +45,16 @@ def base_identity(checkpoint: str | Path | CheckpointFolder, config: GLMConfig) 
 
 def save_adapter(folder: str | Path, model: GLM, identity: str, extra: dict[str, Any] | None = None) -> Path:
     """Write the model's adapter (LoRA or P-tuning) into `folder` (replaced as a whole: written to a
-    temporary folder beside it, then renamed, so a failure leaves the previous one untouched)."""
+    temporary folder beside it, then renamed, so a failure leaves the previous one untouched). Under tensor
+    parallelism every rank calls it (the shards are gathered) and rank 0 alone writes."""
     from safetensors.torch import save_file
 
     method, options = method_of(model)
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = method.full_state_dict(model)
+    if not is_main():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with publish_folder(folder) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE)
         meta = {

@@ -23,6 +23,10 @@ class Method:
     full_state_dict: Callable[[GLM], dict[str, Tensor]]
     load_full_state_dict: Callable[[GLM, dict[str, Tensor]], None]
     mergeable: bool
+    # (model) -> (key, this rank's part) -> whole, and its inverse: for tensors shaped as the adapter's
+    # (optimizer moments), so a fine-tuning state is the same whatever tensor-parallel size wrote it
+    whole: Callable[[GLM], Callable[[str, Tensor], Tensor]]
+    part: Callable[[GLM], Callable[[str, Tensor], Tensor]]
 
 
 def _apply_lora(model: GLM, options: lora.LoRAOptions, seed: int = 0, initialise: bool = True) -> GLM:
@@ -31,7 +35,15 @@ def _apply_lora(model: GLM, options: lora.LoRAOptions, seed: int = 0, initialise
 
 METHODS = {
     "lora": Method(
-        "lora", lora.LoRAOptions, "lora", _apply_lora, lora.full_state_dict, lora.load_full_state_dict, True
+        "lora",
+        lora.LoRAOptions,
+        "lora",
+        _apply_lora,
+        lora.full_state_dict,
+        lora.load_full_state_dict,
+        True,
+        lora.whole,
+        lora.part,
     ),
     "ptuning": Method(
         "ptuning",
@@ -41,6 +53,8 @@ METHODS = {
         prefix.full_state_dict,
         prefix.load_full_state_dict,
         False,
+        prefix.whole,
+        prefix.part,
     ),
 }
 

@@ -28,12 +28,13 @@ have; the hook is 60 lines and composes with any `Cache`, quantized or streamed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from glm.adapters.shards import check_tensor_names, gather_shards
+from glm.adapters.shards import SHARDED, check_tensor_names, gather_shards, mark
 from glm.model import GLM, Cache, GLMBlock
 from glm.sharding import ShardSpec
 
@@ -61,6 +62,8 @@ class Prefix(nn.Module):
         super().__init__()
         self.key = nn.Parameter(torch.zeros(length, heads, head_dim, device=device))
         self.value = nn.Parameter(torch.zeros(length, heads, head_dim, device=device))
+        for p in (self.key, self.value):
+            mark(p, SHARDED)  # this rank's heads (the whole prefix in one process)
 
     @property
     def length(self) -> int:
@@ -158,32 +161,50 @@ def prefix_layers(model: GLM) -> dict[str, Prefix]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Prefix)}
 
 
+def whole(model: GLM) -> Callable[[str, Tensor], Tensor]:
+    """`(key, t) -> t whole`: for this rank's heads `t` of a prefix tensor (`NAME.key` / `NAME.value`, or
+    anything shaped like it: a gradient, an optimizer moment), all the heads. Under tensor parallelism a
+    collective: every rank calls it, for the same keys in the same order."""
+    shard: ShardSpec = getattr(model, "shard", ShardSpec())
+
+    def gather(key: str, t: Tensor) -> Tensor:
+        return torch.cat(gather_shards(t, shard), dim=1) if shard.world_size > 1 else t
+
+    return gather
+
+
+def part(model: GLM) -> Callable[[str, Tensor], Tensor]:
+    """`(key, t) -> this rank's heads of t`, the inverse of `whole`."""
+    shard: ShardSpec = getattr(model, "shard", ShardSpec())
+
+    def split(key: str, t: Tensor) -> Tensor:
+        return t.chunk(shard.world_size, dim=1)[shard.rank] if shard.world_size > 1 else t
+
+    return split
+
+
 def full_state_dict(model: GLM) -> dict[str, Tensor]:
     """Every prefix tensor, unsharded (`NAME.key`, `NAME.value` [N, nh, hn]), on the CPU in fp32. Under
     tensor parallelism this gathers the heads (a collective: every rank calls it)."""
-    shard: ShardSpec = getattr(model, "shard", ShardSpec())
+    gather = whole(model)
     out = {}
     for name, prefix in prefix_layers(model).items():
         for what in ("key", "value"):
-            t = getattr(prefix, what).detach().float()
-            if shard.world_size > 1:
-                t = torch.cat(gather_shards(t, shard), dim=1)
-            out[f"{name}.{what}"] = t.cpu()
+            key = f"{name}.{what}"
+            out[key] = gather(key, getattr(prefix, what).detach().float()).cpu()
     return out
 
 
 def load_full_state_dict(model: GLM, state: dict[str, Tensor]) -> None:
     """Copy unsharded prefix tensors into the model's prefixes, each rank taking its heads. A missing, extra
     or misshapen tensor is a ValueError naming it."""
-    shard: ShardSpec = getattr(model, "shard", ShardSpec())
     layers = prefix_layers(model)
     check_tensor_names(state, {f"{n}.{w}" for n in layers for w in ("key", "value")})
+    split = part(model)
     with torch.no_grad():
         for name, prefix in layers.items():
             for what in ("key", "value"):
-                param, value = getattr(prefix, what), state[f"{name}.{what}"]
-                if shard.world_size > 1:
-                    value = value.chunk(shard.world_size, dim=1)[shard.rank]
+                param, value = getattr(prefix, what), split(f"{name}.{what}", state[f"{name}.{what}"])
                 if param.shape != value.shape:
                     raise ValueError(
                         f"adapter tensor {name}.{what} has shape {tuple(value.shape)}, the model needs "

@@ -1,11 +1,29 @@
 """What both adapter methods need to save and load their tensors whole: a tensor-parallel gather of one
-tensor's shards, and the check that a file's tensors are the model's."""
+tensor's shards, and the check that a file's tensors are the model's; and how each trainable tensor is
+held under tensor parallelism, which the fine-tuning loop reads to sum and clip gradients
+(glm/finetune/gradients.py)."""
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from glm.sharding import ShardSpec
+
+# How a trainable adapter tensor is held under tensor parallelism (`mark`, `held_as`):
+SHARDED = "sharded"  # each rank holds its own part, and that part's whole gradient
+REPLICATED = "replicated"  # every rank holds it whole, with the same, whole gradient
+PARTIAL = "partial"  # every rank holds it whole, but its gradient is each rank's partial sum
+
+
+def mark(param: nn.Parameter, held: str) -> nn.Parameter:
+    """Record how `param` is held (SHARDED, REPLICATED or PARTIAL); returns it."""
+    param.tensor_parallel = held
+    return param
+
+
+def held_as(param: Tensor) -> str:
+    """How `param` is held: what `mark` recorded, REPLICATED when nothing was."""
+    return getattr(param, "tensor_parallel", REPLICATED)
 
 
 def gather_shards(t: Tensor, shard: ShardSpec) -> list[Tensor]:

@@ -24,10 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_finetune_parser() -> argparse.ArgumentParser:
-    """`python -m glm.plan_finetune`: the memory of a LoRA fine-tuning run."""
+    """`python -m glm.plan_finetune`: the memory of a LoRA or P-tuning v2 fine-tuning run."""
     parser = argparse.ArgumentParser(
         prog="plan_finetune",
-        description="Per-rank memory of a LoRA fine-tuning run, with and without gradient checkpointing.",
+        description="Per-rank memory of a LoRA or P-tuning v2 fine-tuning run, with and without gradient "
+        "checkpointing.",
     )
     parser.add_argument("--model", default="bundled", help="a model-shape preset (glm-130b) or bundled")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -40,6 +41,10 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--targets", nargs="+", default=["attention.query_key_value", "attention.dense"], help="LoRA targets"
     )
+    parser.add_argument(
+        "--method", default="both", choices=["lora", "ptuning", "both"], help="the adapter(s) planned"
+    )
+    parser.add_argument("--prefix-length", type=int, default=16, help="P-tuning v2 prefix tokens per layer")
     parser.add_argument(
         "--hardware-table", action="store_true", help="GLM-130B INT8/INT4 on the original's GPUs"
     )

@@ -4,16 +4,22 @@ the loss on the blank's tokens.
 Deterministic by --seed and resumable: the examples are read in a seeded permutation per epoch, and
 micro-batch g of the run takes examples [g * batch, (g + 1) * batch) of that endless order, so a resumed
 run sees exactly the data it would have seen; dropout is seeded per step. The state (adapter, optimizer,
-step, settings, base identity) is written every --save-every steps, at the end and on Ctrl-C, each time to
-a temporary file renamed into place.
+step, settings, base identity; glm.finetune.state) is written every --save-every steps, at the end and on
+Ctrl-C, each time to a temporary file renamed into place.
+
+Under tensor parallelism (torchrun) every rank runs this same loop on the same data, seeds and learning
+rates: each computes the same gathered logits and loss, its backward pass gives its part of the gradient
+(glm.tensor_parallel), the partial sums of whole tensors are summed and the clipping norm is global
+(glm.finetune.gradients), and each rank steps its own part. Rank 0 alone prints, shows the progress bar
+and writes the log and the state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,11 +34,18 @@ from glm.adapters.lora import LoRAOptions
 from glm.adapters.methods import method_named
 from glm.adapters.prefix import PrefixOptions
 from glm.cli.finetune import FinetuneConfig
+from glm.distributed import current, is_main
 from glm.finetune.data import Example
+from glm.finetune.gradients import clip_gradients, sum_partial_gradients
+from glm.finetune.state import (
+    STATE_FILE,
+    load_optimizer_state,
+    read_state,
+    save_state,
+    whole_optimizer_state,
+)
 from glm.model import GLM
 from glm.objective import IGNORE, collate
-
-STATE_FILE = "finetune_state.pt"
 
 
 def lora_options(cfg: FinetuneConfig) -> LoRAOptions:
@@ -127,10 +140,13 @@ def train(
         raise ValueError("no training examples")
     method = method_named(cfg.method)
     options = adapter_options(cfg)  # checked before anything is written
+    main, parallel = is_main(), current().tensor_parallel_size > 1
+    quiet = quiet or not main
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
-    state = torch.load(state_path, weights_only=True) if state_path.exists() else None
+    state = read_state(state_path)
     if state is not None and state["identity"] != identity:
         raise ValueError(
             f"{state_path} is a run over another base model ({state['identity']}, this one {identity}): "
@@ -144,24 +160,16 @@ def train(
     start = 0
     if state is not None:
         method.load_full_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, model, params, method, state["optimizer"])
         start = int(state["step"])
         if not quiet:
             print(f"resuming {out} at step {start}")
 
-    def save(step: int) -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "adapter": method.full_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "config": json.dumps(asdict(cfg)),
-                "identity": identity,
-            },
-            tmp,
-        )
-        os.replace(tmp, state_path)
+    def save(step: int) -> None:  # every rank gathers; rank 0 writes
+        adapter = method.full_state_dict(model)
+        moments = whole_optimizer_state(optimizer, model, params, method)
+        record = {"adapter": adapter, "optimizer": moments, "step": step}
+        save_state(state_path, {**record, "config": json.dumps(asdict(cfg)), "identity": identity})
 
     eval_examples = list(eval_examples)[: cfg.eval_examples]
     records: list[dict] = []
@@ -170,13 +178,14 @@ def train(
         range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=quiet
     )
     tokens_seen, began, step = 0, time.time(), start
-    with (out / "log.jsonl").open("a") as log:
+    log_file = (out / "log.jsonl").open("a") if main else contextlib.nullcontext()
+    with log_file as log:
         try:
             for step in progress:
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: the same on a resumed run
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: the same resumed, on every rank
                 batches = [
                     batch_of(micro_batch(examples, step * cfg.grad_accum + k, cfg.batch_size, cfg.seed), *ids)
                     for k in range(cfg.grad_accum)
@@ -188,15 +197,18 @@ def train(
                     (loss / labelled).backward()
                     total += loss.item()
                     tokens_seen += int((batch["tokens"] != ids[2]).sum())
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                sum_partial_gradients(params)
+                norm = float(clip_gradients(params, cfg.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 record = {"step": step + 1, "loss": round(total / labelled, 4), "lr": lr}
+                record["grad_norm"] = float(f"{norm:.6g}")  # the whole adapter's, before clipping
                 if eval_examples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     record["eval_loss"] = round(evaluate(model, eval_examples, cfg, ids), 4)
                 record["tokens_per_s"] = round(tokens_seen / max(1e-9, time.time() - began), 1)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 records.append(record)
                 progress.set_postfix(loss=record["loss"], tok_s=record["tokens_per_s"])
                 if (step + 1) % cfg.save_every == 0:
@@ -207,6 +219,12 @@ def train(
             else:
                 step = cfg.steps
         except KeyboardInterrupt:
+            if parallel:  # the ranks may be at different points: no collective can gather the state now
+                if main:
+                    print(
+                        f"interrupted: {state_path} holds the last saved state; rerun the command to resume"
+                    )
+                raise
             done = len(records) + start
             save(done)
             print(

@@ -1,5 +1,6 @@
 """A fine-tuning run from the command line: check the data, load the base (any --dtype, quantization,
-device), build the examples, train (glm.finetune.loop) and write the adapter to OUTPUT/adapter."""
+device; sharded under `torchrun --nproc-per-node N ... --tensor-parallel-size N`), build the examples, train
+(glm.finetune.loop) and write the adapter to OUTPUT/adapter (rank 0 writes; every rank gathers)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from glm.adapters.files import base_identity, save_adapter
 from glm.api import load_from_args
 from glm.cli.finetune import FinetuneConfig
 from glm.finetune.data import Example, prompt_example, read_prompts, task_examples, task_files
-from glm.finetune.loop import STATE_FILE, adapter_options, train
+from glm.finetune.loop import adapter_options, train
+from glm.finetune.state import STATE_FILE
 from glm.model import GLM
 from glm.tokenizer import GLMTokenizer
 
@@ -45,8 +47,6 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig) -> int:
     cfg = saved_config(out) or cfg
     if args.adapter:
         raise ValueError("--adapter with training: a run trains a new adapter (merge one first with --merge)")
-    if args.tensor_parallel_size and args.tensor_parallel_size > 1:
-        raise ValueError("fine-tuning under tensor parallelism is not supported yet: train on one device")
     adapter_options(cfg)  # a bad --rank or --prefix-length fails here, before the model loads
     for path in (args.data, args.eval_data):
         if path and not is_task(args.data):
