@@ -44,7 +44,10 @@ import json, sys, time, torch
 torch.set_num_threads({threads})
 from glm.api import load
 from glm.decoding import generate
-from glm.decoding.strategies import BaseStrategy
+try:
+    from glm.decoding.strategies import BaseStrategy
+except ImportError:  # a baseline tree from before the one-step layout (3bdd3aa)
+    from glm.strategies import BaseStrategy
 model, tokenizer = load({checkpoint!r})
 context = tokenizer.tokenize("It is a truth universally acknowledged that a single man") + [
     tokenizer.get_command("[gMASK]"), tokenizer.sop_id]
@@ -82,14 +85,14 @@ def decode_600m(model, prompt: int, steps: int) -> dict[str, Any]:
     return {"tokens_per_s": 1 / median, "weight_gb_per_s": weight_bytes(model) / median / 1e9}
 
 
-def bundled(tree: Path, threads: int, repeats: int, tokens: int) -> dict[str, Any]:
+def bundled(tree: Path, threads: int, repeats: int, tokens: int, fused: bool = True) -> dict[str, Any]:
     code = BUNDLED_PROBE.format(
         threads=threads,
         checkpoint=str(Path("models/glm-bilingual").resolve()),
         repeats=repeats,
         tokens=tokens,
     )
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": str(tree), "GLM_FUSED_DECODE": "1" if fused else "0"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr)
@@ -223,6 +226,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode step (bundled)")
     parser.add_argument("--repeats", type=int, default=3, help="bundled model: runs, best taken")
     parser.add_argument("--skip-hf", action="store_true", help="skip HF transformers' Llama")
+    parser.add_argument(
+        "--bundled-only", action="store_true", help="only the bundled model against --baseline-tree"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="bundled model: interleaved rounds")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--breakdown",
@@ -253,19 +260,23 @@ def main() -> None:
 
     # 2. the bundled model, old and new interleaved
     if args.baseline_tree is not None:
-        for round_ in range(2):
+        for round_ in range(args.rounds):
             bw = bandwidth()
             old = bundled(args.baseline_tree.resolve(), args.threads, args.repeats, 64)
-            new = bundled(Path.cwd(), args.threads, args.repeats, 64)
             record(f"bundled generate() old, round {round_ + 1}", old["tokens_per_s"], "tok/s", bw)
-            record(
-                f"bundled generate() new, round {round_ + 1}",
-                new["tokens_per_s"],
-                "tok/s",
-                bw,
-                ratio=new["tokens_per_s"] / old["tokens_per_s"],
-                same_tokens=old["ids"] == new["ids"],
-            )
+            for name, fused in (("new", True), ("new, modules (GLM_FUSED_DECODE=0)", False)):
+                new = bundled(Path.cwd(), args.threads, args.repeats, 64, fused)
+                record(
+                    f"bundled generate() {name}, round {round_ + 1}",
+                    new["tokens_per_s"],
+                    "tok/s",
+                    bw,
+                    ratio=new["tokens_per_s"] / old["tokens_per_s"],
+                    same_tokens=old["ids"] == new["ids"],
+                )
+    if args.bundled_only:
+        finish(results, rows, before, args.json)
+        return
     bw = bandwidth()
     eager = bundled_engine(args.threads, args.repeats, 64, compile=False)
     record("bundled engine eager", eager["tokens_per_s"], "tok/s", bw)
@@ -321,11 +332,15 @@ def main() -> None:
             bw = sum(bws) / len(bws)
             record(f"glm-600m generate() batch {batch}, 128 + 64", ours, "tok/s", bw)
             record(f"HF Llama eager batch {batch}, 128 + 64", hf, "tok/s", bw, ours_over_hf=ours / hf)
+    finish(results, rows, before, args.json)
+
+
+def finish(results: dict[str, Any], rows: list[dict[str, Any]], before: Any, path: Path | None) -> None:
     results["other_cores_busy"] = other_cores(before, cpu_snapshot())
     results["rows"] = rows
     print(f"other processes kept {results['other_cores_busy']:.1f} cores busy on average")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if path:
+        path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,40 +30,50 @@ _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENABLED = os.environ.get("GLM_FUSED_DECODE", "1") != "0"
 
 
+LinearOperands = tuple[Tensor, Tensor | None, Tensor | None]  # (weight, scale or None: dense, bias)
+# What `attention_input` and `attention_output` take besides the activations: qkv, then the layer norms'
+# (weight, bias, eps) and the dense, up and down linears.
+Operands = tuple[LinearOperands, tuple, LinearOperands, tuple, LinearOperands, LinearOperands]
+
+
+# The checks below run for every block of every decode step, so they read the modules' dicts directly:
+# nn.Module.__getattr__ costs ~2 us a lookup, some 40 us a block.
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
-def _plain_linear(linear: nn.Module, linear_type: type) -> bool:
-    bias = linear.bias
+def _linear(linear: nn.Module, linear_type: type) -> LinearOperands | None:
+    """A linear layer's operands, or None where it computes otherwise."""
     if linear.reduce is not None or _hooked(linear):
-        return False
+        return None
+    bias = linear._parameters.get("bias")
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
-        return False
+        return None
     if type(linear) is QuantizedLinear:
-        return linear.cpu_weight() is not None
-    weight = linear.weight
-    return (
+        stored = linear.cpu_weight()
+        return None if stored is None else (*stored, bias)
+    weight = linear._parameters.get("weight")
+    plain = (
         type(linear) is linear_type  # another subclass (an adapter's) computes differently
+        and weight is not None
         and weight.dtype in _WEIGHT_DTYPES
         and weight.device.type == "cpu"
         and weight.is_contiguous()
         and weight.shape[1] % 8 == 0
     )
+    return (weight, None, bias) if plain else None
 
 
-def _operands(linear: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(weight, scale or None, bias) of a linear `_plain_linear` accepted, as the native block takes them."""
-    if type(linear) is QuantizedLinear:
-        weight, scale = linear.cpu_weight()
-        return weight, scale, linear.bias
-    return linear.weight, None, linear.bias
+def _norm(norm: nn.Module) -> tuple | None:
+    weight, bias = norm._parameters.get("weight"), norm._parameters.get("bias")
+    plain = type(norm) is nn.LayerNorm and not _hooked(norm) and weight is not None and bias is not None
+    return (weight, bias, norm.eps) if plain and weight.dtype == torch.float32 else None
 
 
-def applies(block: Any, x: Tensor, mask: Tensor, linear_type: type) -> bool:
-    """Whether `block_forward` computes this block (a glm.model.GLMBlock, whose untransformed linears are
-    `linear_type`) for x [b, s, h] and the float attention bias `mask`. Cheap checks first: it is asked
-    once per layer and step."""
+def operands(block: Any, x: Tensor, mask: Tensor, linear_type: type) -> Operands | None:
+    """What `block_forward` needs to compute this block (a glm.model.GLMBlock, whose untransformed linears
+    are `linear_type`) for x [b, s, h] and the float attention bias `mask`; None where the modules run.
+    Cheap checks first."""
     if (
         not ENABLED
         or x.dtype != torch.float32
@@ -75,49 +85,48 @@ def applies(block: Any, x: Tensor, mask: Tensor, linear_type: type) -> bool:
         or torch.compiler.is_compiling()
         or native() is None
     ):
-        return False
-    attention, mlp = block.attention, block.mlp
+        return None
+    children = block._modules
+    attention, mlp = children["attention"], children["mlp"]
     if attention.head_dim % 8 or (torch.is_grad_enabled() and _any_grad(block)):
-        return False
-    norms = (block.input_layernorm, block.post_attention_layernorm)
-    if _hooked(attention) or _hooked(mlp) or any(_hooked(n) for n in norms):  # their forward would skip it
-        return False
-    return all(
-        _plain_linear(m, linear_type)
-        for m in (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-    ) and all(
-        type(n) is nn.LayerNorm
-        and n.weight is not None
-        and n.weight.dtype == torch.float32
-        and n.bias is not None
-        for n in norms
+        return None
+    if _hooked(attention) or _hooked(mlp):  # their forward would be skipped
+        return None
+    attention_linears, mlp_linears = attention._modules, mlp._modules
+    parts = (
+        _linear(attention_linears["query_key_value"], linear_type),
+        _norm(children["input_layernorm"]),
+        _linear(attention_linears["dense"], linear_type),
+        _norm(children["post_attention_layernorm"]),
+        _linear(mlp_linears["dense_h_to_4h"], linear_type),
+        _linear(mlp_linears["dense_4h_to_h"], linear_type),
     )
+    return None if None in parts else parts
+
+
+def applies(block: Any, x: Tensor, mask: Tensor, linear_type: type) -> bool:
+    """Whether `block_forward` computes this block (see `operands`)."""
+    return operands(block, x, mask, linear_type) is not None
 
 
 def _any_grad(block: nn.Module) -> bool:
     return any(p.requires_grad for p in block.parameters())
 
 
-def block_forward(block: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Any) -> Tensor:
-    """The block's output for x [b, s, h] (as GLMBlock.forward computes it), through the native kernels."""
+def block_forward(
+    block: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Any, parts: Operands
+) -> Tensor:
+    """The block's output for x [b, s, h] (as GLMBlock.forward computes it) through the native kernels,
+    with the block's `operands`."""
     kernels = native()
-    attention, mlp = block.attention, block.mlp
-    ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
-    qkv_layer, dense, up, down = (
-        attention.query_key_value,
-        attention.dense,
-        mlp.dense_h_to_4h,
-        mlp.dense_4h_to_h,
-    )
+    qkv_linear, norm1, dense, norm2, up, down = parts
+    attention = block._modules["attention"]
     b, s, _ = x.shape
     nh, hn = attention.num_heads, attention.head_dim
     cos, sin = cos.reshape(b * s, hn).contiguous(), sin.reshape(b * s, hn).contiguous()
-    norm1 = (ln1.weight, ln1.bias, ln1.eps)
-    a, qkv = kernels.attention_input(x.contiguous(), *norm1, *_operands(qkv_layer), cos, sin, nh)
+    a, qkv = kernels.attention_input(x.contiguous(), *norm1, *qkv_linear, cos, sin, nh)
     heads = qkv.view(b, s, nh, 3, hn)
     k, v = heads[:, :, :, 1].transpose(1, 2), heads[:, :, :, 2].transpose(1, 2)  # [b, nh, s, hn]
     if cache is not None:
         k, v = cache.update(attention.layer_id, k, v)
-    norm2 = (ln2.weight, ln2.bias, ln2.eps)
-    linears = (*_operands(dense), *norm2, *_operands(up), *_operands(down))
-    return kernels.attention_output(a, qkv, k, v, mask, block.alpha, *linears, nh)
+    return kernels.attention_output(a, qkv, k, v, mask, block.alpha, *dense, *norm2, *up, *down, nh)

@@ -198,8 +198,9 @@ class GLMBlock(nn.Module):
         self.mlp = GeGLU(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Cache | None) -> Tensor:
-        if cpu_decode.applies(self, x, mask, Linear):  # a few rows on the CPU: glm/cpu_decode.py
-            return cpu_decode.block_forward(self, x, cos, sin, mask, cache)
+        fused = cpu_decode.operands(self, x, mask, Linear)  # a few rows on the CPU: glm/cpu_decode.py
+        if fused is not None:
+            return cpu_decode.block_forward(self, x, cos, sin, mask, cache, fused)
         a = self.input_layernorm(x)
         h = self.alpha * a + self.attention(a, cos, sin, mask, cache)
         m = self.post_attention_layernorm(h)

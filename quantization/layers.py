@@ -67,6 +67,7 @@ class QuantizedLinear(nn.Module):
         self.bias = linear.bias  # the original's load-then-quantize path lost it; kept here
         self._quantized_here = False
         self._kernel: Kernel | None = None
+        self._cpu_weight: tuple | None = None  # cpu_weight()'s last answer, with what it was made from
 
     @classmethod
     def swap(
@@ -187,14 +188,21 @@ class QuantizedLinear(nn.Module):
         """(weight, scale as [out, groups]) where this layer multiplies with the CPU kernel
         (quantization/cpu_gemv.h, whose group width must be a multiple of 32), so another caller of that
         kernel computes the same bits; None where it computes otherwise (packed for another kernel, a
-        kernel set by `set_kernel`, weights off the CPU)."""
-        weight = self.weight
-        if weight is None or weight.device.type != "cpu" or not isinstance(self._kernel, CPUKernel | None):
-            return None
-        scale = scale_groups(self.weight_scale)
-        if (self.in_features // scale.shape[1]) % 32 or not scale.is_contiguous():
-            return None
-        return weight, scale
+        kernel set by `set_kernel`, weights off the CPU). Asked every decode step: kept until the weight,
+        scale or kernel changes."""
+        weight, scale, kernel = self._buffers["weight"], self._buffers["weight_scale"], self._kernel
+        known = self._cpu_weight
+        if known is not None and known[0] is weight and known[1] is scale and known[2] is kernel:
+            return known[3]
+        if kernel is None and weight is not None:  # chosen as `matmul` would choose it
+            kernel = self._kernel = make_kernel(self.spec.bits, weight.device)
+        found = None
+        if weight is not None and weight.device.type == "cpu" and isinstance(kernel, CPUKernel):
+            groups = scale_groups(scale)
+            if (self.in_features // groups.shape[1]) % 32 == 0 and groups.is_contiguous():
+                found = (weight, groups)
+        self._cpu_weight = (weight, scale, kernel, found)
+        return found
 
     def matmul(self, x: Tensor) -> Tensor:
         """x W^T with the layer's kernel (no autograd: the kernels are written for inference)."""
