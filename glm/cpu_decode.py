@@ -44,6 +44,9 @@ def _hooked(module: nn.Module) -> bool:
 
 def _linear(linear: nn.Module, linear_type: type) -> LinearOperands | None:
     """A linear layer's operands, or None where it computes otherwise."""
+    kind = type(linear)
+    if kind is not linear_type and kind is not QuantizedLinear:  # another subclass (an adapter's)
+        return None
     if linear.reduce is not None or _hooked(linear):
         return None
     bias = linear._parameters.get("bias")
@@ -54,8 +57,7 @@ def _linear(linear: nn.Module, linear_type: type) -> LinearOperands | None:
         return None if stored is None else (*stored, bias)
     weight = linear._parameters.get("weight")
     plain = (
-        type(linear) is linear_type  # another subclass (an adapter's) computes differently
-        and weight is not None
+        weight is not None
         and weight.dtype in _WEIGHT_DTYPES
         and weight.device.type == "cpu"
         and weight.is_contiguous()
