@@ -52,7 +52,7 @@ def _linear(linear: nn.Module, linear_type: type) -> LinearOperands | None:
     bias = linear._parameters.get("bias")
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
         return None
-    if type(linear) is QuantizedLinear:
+    if kind is QuantizedLinear:
         stored = linear.cpu_weight()
         return None if stored is None else (*stored, bias)
     weight = linear._parameters.get("weight")

@@ -68,16 +68,20 @@ class _Enter(torch.autograd.Function):
         return grad, None
 
 
+def _gather_last_dim(x: Tensor, group: Any, world_size: int) -> Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=-1)
+
+
 class _Gather(torch.autograd.Function):
     """The ranks' tensors concatenated along the last dim; the gradient of this rank's part is its slice."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: Any, world_size: int, rank: int) -> Tensor:
         ctx.world_size, ctx.rank = world_size, rank
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=-1)
+        return _gather_last_dim(x, group, world_size)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
@@ -123,10 +127,7 @@ class AllGatherLastDim:
     def __call__(self, x: Tensor) -> Tensor:
         if _differentiable(x):
             return _Gather.apply(x, self.group, self.world_size, self.rank)
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=-1)
+        return _gather_last_dim(x, self.group, self.world_size)
 
 
 def _enter_inputs(module: nn.Module, args: tuple) -> tuple:
