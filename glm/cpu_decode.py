@@ -119,14 +119,24 @@ def block_forward(
     block: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Any, parts: Operands
 ) -> Tensor:
     """The block's output for x [b, s, h] (as GLMBlock.forward computes it) through the native kernels,
-    with the block's `operands`."""
+    with the block's `operands`: one call where the cache says where the new keys and values go
+    (`decode_slots`), else two calls around `cache.update`."""
     kernels = native()
     qkv_linear, norm1, dense, norm2, up, down = parts
     attention = block._modules["attention"]
+    nh = attention.num_heads
+    slots = getattr(cache, "decode_slots", None)
+    target = None if slots is None else slots(attention.layer_id, x)
+    if target is not None:
+        keys, values, columns, length = target
+        return kernels.decode_block(
+            x.contiguous(), cos.contiguous(), sin.contiguous(), mask, keys, values, columns, length,
+            block.alpha, nh,
+            *norm1, *qkv_linear, *dense, *norm2, *up, *down,
+        )  # fmt: skip
     b, s, _ = x.shape
-    nh, hn = attention.num_heads, attention.head_dim
-    cos, sin = cos.reshape(b * s, hn).contiguous(), sin.reshape(b * s, hn).contiguous()
-    a, qkv = kernels.attention_input(x.contiguous(), *norm1, *qkv_linear, cos, sin, nh)
+    hn = attention.head_dim
+    a, qkv = kernels.attention_input(x.contiguous(), *norm1, *qkv_linear, cos.contiguous(), sin.contiguous(), nh)
     heads = qkv.view(b, s, nh, 3, hn)
     k, v = heads[:, :, :, 1].transpose(1, 2), heads[:, :, :, 2].transpose(1, 2)  # [b, nh, s, hn]
     if cache is not None:

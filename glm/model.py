@@ -29,6 +29,13 @@ class Cache(Protocol):
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
+# A cache may also offer `decode_slots(layer, x) -> (keys, values, columns, length) | None`: the buffers
+# [>= b, nh, T, hn] (contiguous, x's dtype) where layer `layer` keeps its keys and values, the column [b, s]
+# (int64) each new token of x [b, s, h] goes to, and how many leading columns the step attends to. The fused
+# decode block (glm/cpu_decode.py) then writes the keys and values itself, in the same call as the rest of
+# the block; the call counts as that layer's `update`. None: call `update`.
+
+
 class KVCache:
     """Static key/value buffers, one pair per layer, allocated once where that layer computes; a `Cache`.
 
@@ -40,6 +47,7 @@ class KVCache:
     def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
         self.k, self.v = k, v  # per layer [b, nh, t, hn]
         self.length = 0
+        self._columns: tuple[int, Tensor] | None = None  # decode_slots' (length, columns) of this forward
 
     @classmethod
     def for_model(cls, model: GLM, batch_size: int, max_length: int) -> KVCache:
@@ -66,6 +74,22 @@ class KVCache:
         if layer == len(self.k) - 1:
             self.length = end
         return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
+
+    def decode_slots(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int] | None:
+        """Where x [b, s, h]'s keys and values go (see `Cache`): columns length .. length + s."""
+        keys = self.k[layer]
+        if keys.dtype != x.dtype or keys.device != x.device or not keys.is_contiguous():
+            return None
+        b, s = x.shape[0], x.shape[1]
+        end = self.length + s
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; {end} requested")
+        if self._columns is None or self._columns[0] != self.length or self._columns[1].shape != (b, s):
+            self._columns = (self.length, torch.arange(self.length, end).expand(b, s))
+        columns = self._columns[1]
+        if layer == len(self.k) - 1:
+            self.length = end
+        return keys, self.v[layer], columns, end
 
     def reorder(self, rows: Tensor) -> None:
         """Make row i hold what row rows[i] held (beam search), for the first len(rows) rows."""

@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 from conftest import tiny_config
-from tolerance import assert_fp32_close
+from tolerance import assert_fp32_close, assert_model_close
 
 import quantization.cpu
 from glm import cpu_decode
 from glm.cpu_matmul import native, quantized_linear
+from glm.decoding.rows import Rows
 from glm.model import GLM, KVCache, Linear, init_random_weights, rotary_tables
 from quantization import QuantizationSpec
 from quantization.layers import QuantizedLinear
@@ -99,6 +100,63 @@ def test_a_masked_key_is_never_read():
         expected = block(x, cos, sin, bias, cache_of(keys, values, 1, torch.float32))
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class UpdateOnly:
+    """A cache with `update` only (as the prefix-tuning caches): the fused block runs in two calls around it."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def update(self, layer, k, v):
+        return self.cache.update(layer, k, v)
+
+
+@needs_native
+@pytest.mark.parametrize(("batch", "width", "cached"), [(1, 1, 7), (3, 2, 5)])
+def test_the_one_call_block_equals_the_two_calls_around_update(batch, width, cached):
+    # decode_block writes the new keys and values into the cache itself; the same kernels around
+    # Cache.update give the same bits, output and cache alike.
+    config, block = random_block(torch.float16, seed=7)
+    x, cos, sin, keys, values, bias = inputs(config, batch, width, cached, seed=1)
+    one_call, two_calls = cache_of(keys, values, width, torch.float32), cache_of(keys, values, width, torch.float32)
+    assert one_call.decode_slots(0, x) is not None
+    one_call.length = cached  # decode_slots counted the tokens as written
+    with torch.no_grad():
+        got = block(x, cos, sin, bias, one_call)
+        expected = block(x, cos, sin, bias, UpdateOnly(two_calls))
+    assert one_call.length == two_calls.length == cached + width
+    assert torch.equal(got, expected)
+    assert torch.equal(one_call.k[0], two_calls.k[0]) and torch.equal(one_call.v[0], two_calls.v[0])
+
+
+@needs_native
+def test_engine_rows_decode_fused_as_the_modules():
+    # Rows' cache interleaves a group's rows by position (glm/decoding/rows.py): the one-call block must
+    # write row w of group g at column t * W + w and attend as the mask says, as the modules' scatter does.
+    config = tiny_config(num_layers=2)
+    model = init_random_weights(GLM(config), seed=3, std=0.3).eval()
+    logits, caches = [], []
+    for enabled in (True, False):
+        cpu_decode.ENABLED = enabled
+        rows = Rows(model, groups=2, width=3, max_length=12)
+        generator = torch.Generator().manual_seed(0)
+        for g in range(2):
+            for w in range(3):
+                n = 2 + g + w
+                positions = torch.arange(n)
+                mask = torch.zeros(n, n, dtype=torch.bool)
+                ids = torch.randint(0, config.vocab_size, (n,), generator=generator).tolist()
+                rows.prefill(g, w, ids, positions, mask)
+        steps = []
+        for j in range(3):
+            columns = torch.tensor([[2 + w + j for w in range(3)], [3 + w + j for w in range(3)]])
+            tokens = torch.randint(0, config.vocab_size, (2, 3), generator=generator)
+            steps.append(rows.decode_one_token(tokens, columns, columns))
+        logits.append(torch.stack(steps))
+        caches.append(torch.stack([*rows.cache.k, *rows.cache.v]))
+    assert_model_close(logits[0], logits[1], config)
+    assert_model_close(caches[0], caches[1], config)
 
 
 @needs_native

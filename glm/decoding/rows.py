@@ -95,7 +95,7 @@ class RowCache:
             self.v.append(torch.zeros(shape, dtype=model.dtype, device=model.device))
         # prompts being prefilled: for each of their tokens, its (batch entry, position, group, row)
         self._prefill: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        self._index: Tensor | None = None  # [G, 1, W, 1] columns written by a decode step
+        self._columns: Tensor | None = None  # [G, W] columns written by a decode step
         self._bound = max_length  # positions attended by a decode step
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,12 +105,20 @@ class RowCache:
                 view = buffer.view(self.groups, buffer.shape[1], self.max_length, self.width, -1)
                 view[g, :, t, w] = new[b, :, t]  # [tokens, nh, hn]: each prompt's own tokens, no padding
             return k, v  # each prompt attends to itself (the mask)
-        assert self._index is not None
-        index = self._index.expand_as(k)  # [G, nh, W, hn]
+        assert self._columns is not None
+        index = self._columns[:, None, :, None].expand_as(k)  # [G, nh, W, hn]
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
         end = self._bound * self.width
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def decode_slots(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int] | None:
+        """Where a decode step's keys and values go (glm.model.Cache): row w of group g at its column."""
+        keys = self.k[layer]
+        if self._prefill is not None or keys.dtype != x.dtype or keys.device != x.device:
+            return None
+        assert self._columns is not None
+        return keys, self.v[layer], self._columns, self._bound * self.width
 
 
 class Rows:
@@ -243,8 +251,8 @@ class Rows:
             return [out[b, :n] for b, n in enumerate(lengths)]
         return list(out[:, 0])
 
-    def _decode(self, tokens: Tensor, positions: Tensor, index: Tensor, mask: Tensor) -> Tensor:
-        self.cache._index = index
+    def _decode(self, tokens: Tensor, positions: Tensor, columns: Tensor, mask: Tensor) -> Tensor:
+        self.cache._columns = columns
         return self.model(tokens, positions, mask, self.cache)
 
     @torch.no_grad()
@@ -258,18 +266,18 @@ class Rows:
             bound = min(self.max_length, (int(columns.max()) + 32) // 32 * 32)
         self.cache._bound = bound
         mask = ~self.visible[:, :, :bound].reshape(self.groups, 1, self.width, bound * self.width)
-        index = (columns * self.width + self.rows)[:, None, :, None]  # [G, 1, W, 1]
+        written = columns * self.width + self.rows  # [G, W]: the cache's columns
         if not self._warm:
-            logits = self._decode(tokens, positions, index, mask)  # lazy preparation happens here
+            logits = self._decode(tokens, positions, written, mask)  # lazy preparation happens here
             for tensor in [*self.cache.k, *self.cache.v, *held_tensors(self.model)]:
                 torch._dynamo.mark_static_address(tensor)
             self._warm = True
             return logits
         if not self.cuda_graphs:
-            return self._step(tokens, positions, index, mask)
+            return self._step(tokens, positions, written, mask)
         # The counter is the process's: a skip while this call compiles is this step's.
         before = cudagraph_skips()
-        logits = self._step(tokens, positions, index, mask)
+        logits = self._step(tokens, positions, written, mask)
         if skipped := cudagraph_skips() - before:
             if not self.cudagraph_skips:
                 log.warning(

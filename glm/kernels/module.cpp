@@ -117,6 +117,96 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
   return y;
 }
 
+namespace {
+
+// a = LayerNorm(x) and qkv = a W^T + b for `rows` rows of h, per head [q | k | v], with rotary applied to q and
+// k (cos, sin [rows, hn]).
+void attention_input_into(const float* x, int64_t rows, int64_t h, const float* ln_w, const float* ln_b, float eps,
+                          const Weight& qkv_weight, const float* qkv_b, const float* cos, const float* sin,
+                          int64_t heads, int64_t hn, float* a, float* qkv) {
+  const int64_t width = 3 * heads * hn;
+  for (int64_t r = 0; r < rows; ++r) block::layer_norm(x + r * h, ln_w, ln_b, eps, h, a + r * h);
+  linear_into(a, qkv_weight, qkv_b, qkv, rows);
+  std::vector<float> scratch(hn);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < heads; ++n)
+      for (int64_t part = 0; part < 2; ++part)  // q, k
+        block::rotary(qkv + r * width + (n * 3 + part) * hn, cos + r * hn, sin + r * hn, hn, scratch.data());
+}
+
+// The layer norms', dense, up and down operands of attention_output and decode_block, checked.
+struct OutputOperands {
+  Weight dense, up, down;
+  const float *dense_b, *ln_w, *ln_b, *up_b, *down_b;
+  float eps;
+  int64_t f;
+};
+
+OutputOperands output_operands(int64_t h, int64_t heads, int64_t hn, const torch::Tensor& dense_w,
+                               const c10::optional<torch::Tensor>& dense_scale,
+                               const c10::optional<torch::Tensor>& dense_b, const torch::Tensor& ln_w,
+                               const torch::Tensor& ln_b, double eps, const torch::Tensor& up_w,
+                               const c10::optional<torch::Tensor>& up_scale, const c10::optional<torch::Tensor>& up_b,
+                               const torch::Tensor& down_w, const c10::optional<torch::Tensor>& down_scale,
+                               const c10::optional<torch::Tensor>& down_b) {
+  const int64_t f = up_w.size(0) / 2;
+  const Weight dense = weight_of(dense_w, dense_scale, heads * hn, "dense weight");
+  TORCH_CHECK(dense_w.size(0) == h, "dense weight: [h, heads x head_dim]");
+  const Weight up = weight_of(up_w, up_scale, h, "up weight");
+  const Weight down = weight_of(down_w, down_scale, f, "down weight");
+  TORCH_CHECK(up_w.size(0) == 2 * f && down_w.size(0) == h, "up [2F, h] and down [h, F] weights");
+  return {dense,
+          up,
+          down,
+          float_data(dense_b, h, "dense bias"),
+          float_data(ln_w, h, "layernorm weight"),
+          float_data(ln_b, h, "layernorm bias"),
+          float_data(up_b, 2 * f, "up bias"),
+          float_data(down_b, h, "down bias"),
+          static_cast<float>(eps),
+          f};
+}
+
+// The rest of the block for `groups` x `width` rows (a [rows, h], qkv [rows, 3 heads hn]): attention over the
+// first `length` keys and values, then h = alpha a + dense(ctx); m = LayerNorm(h); out = alpha m + down(GeGLU(up(m))).
+void attention_output_into(const float* a, const float* qkv, int64_t groups, int64_t width, int64_t h, int64_t heads,
+                           int64_t hn, block::Strided4 keys, block::Strided4 values, block::Strided4 bias,
+                           int64_t length, float alpha, const OutputOperands& p, float* out) {
+  const int64_t rows = groups * width, f = p.f;
+  std::vector<float> ctx(rows * heads * hn), hidden(rows * h), up_out(rows * 2 * f), gated(rows * f);
+  block::attention(qkv, rows, width, heads, hn, keys, values, bias, length, ctx.data());
+  linear_into(ctx.data(), p.dense, p.dense_b, hidden.data(), rows);
+  float* m = out;  // holds m until the last step turns it into the output
+  for (int64_t i = 0; i < rows * h; ++i) hidden[i] += alpha * a[i];
+  for (int64_t r = 0; r < rows; ++r) block::layer_norm(hidden.data() + r * h, p.ln_w, p.ln_b, p.eps, h, m + r * h);
+  linear_into(m, p.up, p.up_b, up_out.data(), rows);
+  for (int64_t r = 0; r < rows; ++r) block::geglu(up_out.data() + r * 2 * f, f, gated.data() + r * f);
+  linear_into(gated.data(), p.down, p.down_b, hidden.data(), rows);
+  for (int64_t i = 0; i < rows * h; ++i) m[i] = alpha * m[i] + hidden[i];
+}
+
+// An additive bias [G or 1, 1, W, length] (unit last stride) as a view broadcast over groups by a zero stride
+// (at::expand costs more than a whole block's small ops).
+block::Strided4 bias_view(const torch::Tensor& bias, int64_t groups, int64_t width, int64_t length) {
+  TORCH_CHECK(bias.dtype() == torch::kFloat && bias.dim() == 4 && (bias.size(0) == groups || bias.size(0) == 1) &&
+                  bias.size(1) == 1 && bias.size(2) == width && bias.size(3) == length && bias.stride(3) == 1,
+              "bias: float32 [G or 1, 1, W, length], unit last stride");
+  return {bias.data_ptr<float>(), bias.size(0) == 1 ? 0 : bias.stride(0), 0, bias.stride(2)};
+}
+
+block::Strided4 view_of(const torch::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// cos or sin: float32, contiguous, one row of hn per token (any leading shape, [b, s, 1, hn] from the model).
+const float* rotary_table(const torch::Tensor& t, int64_t rows, int64_t hn, const char* name) {
+  TORCH_CHECK(t.dtype() == torch::kFloat && t.is_contiguous() && t.numel() == rows * hn && t.size(-1) == hn, name,
+              ": float32 [..., head_dim], contiguous, one row per token");
+  return t.data_ptr<float>();
+}
+
+}  // namespace
+
 // a = LayerNorm(x); qkv = a W^T + b, per head [q | k | v], with rotary applied to q and k (cos, sin [R, hn]).
 std::vector<torch::Tensor> attention_input(const torch::Tensor& x, const torch::Tensor& ln_w, const torch::Tensor& ln_b,
                                            double eps, const torch::Tensor& qkv_w,
@@ -127,32 +217,20 @@ std::vector<torch::Tensor> attention_input(const torch::Tensor& x, const torch::
   rows_of(x, h, "x");
   const Weight qkv_weight = weight_of(qkv_w, qkv_scale, h, "qkv weight");
   TORCH_CHECK(width == 3 * heads * hn && hn % 2 == 0, "qkv weight: 3 x heads x head_dim rows");
-  rows_of(cos, hn, "cos");
-  rows_of(sin, hn, "sin");
-  TORCH_CHECK(cos.numel() == rows * hn && sin.numel() == rows * hn, "cos, sin: one row per token");
-  const float* w = float_data(ln_w, h, "layernorm weight");
-  const float* b = float_data(ln_b, h, "layernorm bias");
   auto a = torch::empty_like(x);
   auto qkv_sizes = x.sizes().vec();
   qkv_sizes.back() = width;
   auto qkv = torch::empty(qkv_sizes, x.options());
-  float* ap = a.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    block::layer_norm(x.data_ptr<float>() + r * h, w, b, static_cast<float>(eps), h, ap + r * h);
-  float* q = qkv.data_ptr<float>();
-  linear_into(ap, qkv_weight, float_data(qkv_b, width, "qkv bias"), q, rows);
-  std::vector<float> scratch(hn);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t n = 0; n < heads; ++n)
-      for (int64_t part = 0; part < 2; ++part)  // q, k
-        block::rotary(q + r * width + (n * 3 + part) * hn, cos.data_ptr<float>() + r * hn,
-                      sin.data_ptr<float>() + r * hn, hn, scratch.data());
+  attention_input_into(x.data_ptr<float>(), rows, h, float_data(ln_w, h, "layernorm weight"),
+                       float_data(ln_b, h, "layernorm bias"), static_cast<float>(eps), qkv_weight,
+                       float_data(qkv_b, width, "qkv bias"), rotary_table(cos, rows, hn, "cos"),
+                       rotary_table(sin, rows, hn, "sin"), heads, hn, a.data_ptr<float>(), qkv.data_ptr<float>());
   return {a, qkv};
 }
 
 // The rest of the block for a [G, W, h] and attention_input's qkv: attention of each row over the first
 // `length` = keys.size(2) columns of keys / values [G, nh, length, hn] with an additive bias [G or 1, 1, W,
-// length] (unit last stride), then h = alpha a + dense(ctx); m = LayerNorm(h); out = alpha m + down(GeGLU(up(m))).
+// length] (unit last stride), then the dense matmul, residuals, LayerNorm and GeGLU (attention_output_into).
 torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv, const torch::Tensor& keys,
                                const torch::Tensor& values, const torch::Tensor& bias, double alpha,
                                const torch::Tensor& dense_w, const c10::optional<torch::Tensor>& dense_scale,
@@ -162,44 +240,73 @@ torch::Tensor attention_output(const torch::Tensor& a, const torch::Tensor& qkv,
                                const torch::Tensor& down_w, const c10::optional<torch::Tensor>& down_scale,
                                const c10::optional<torch::Tensor>& down_b, int64_t heads) {
   TORCH_CHECK(a.dim() == 3, "a: [G, W, h]");
-  const int64_t groups = a.size(0), width = a.size(1), h = a.size(2), rows = groups * width;
-  const int64_t hn = qkv.size(-1) / (3 * heads), length = keys.size(2), f = up_w.size(0) / 2;
+  const int64_t groups = a.size(0), width = a.size(1), h = a.size(2);
+  const int64_t hn = qkv.size(-1) / (3 * heads), length = keys.size(2);
   rows_of(a, h, "a");
   rows_of(qkv, 3 * heads * hn, "qkv");
   for (const auto* t : {&keys, &values})
     TORCH_CHECK(t->dtype() == torch::kFloat && t->dim() == 4 && t->size(0) == groups && t->size(1) == heads &&
                     t->size(2) == length && t->size(3) == hn && t->stride(3) == 1,
                 "keys, values: float32 [G, heads, length, head_dim], unit last stride");
-  TORCH_CHECK(bias.dtype() == torch::kFloat && bias.dim() == 4 && (bias.size(0) == groups || bias.size(0) == 1) &&
-                  bias.size(1) == 1 && bias.size(2) == width && bias.size(3) == length && bias.stride(3) == 1,
-              "bias: float32 [G or 1, 1, W, length], unit last stride");
-  // broadcast over groups by a zero stride (at::expand costs more than this whole call's small ops)
-  const block::Strided4 bias_view{bias.data_ptr<float>(), bias.size(0) == 1 ? 0 : bias.stride(0), 0,
-                                  bias.stride(2)};
-  const Weight dense = weight_of(dense_w, dense_scale, heads * hn, "dense weight");
-  TORCH_CHECK(dense_w.size(0) == h, "dense weight: [h, heads x head_dim]");
-  const Weight up = weight_of(up_w, up_scale, h, "up weight");
-  const Weight down = weight_of(down_w, down_scale, f, "down weight");
-  TORCH_CHECK(up_w.size(0) == 2 * f && down_w.size(0) == h, "up [2F, h] and down [h, F] weights");
-  auto view = [](const torch::Tensor& t) {
-    return block::Strided4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
-  };
-  std::vector<float> ctx(rows * heads * hn), hidden(rows * h), up_out(rows * 2 * f), gated(rows * f);
-  block::attention(qkv.data_ptr<float>(), rows, width, heads, hn, view(keys), view(values), bias_view, length,
-                   ctx.data());
-  linear_into(ctx.data(), dense, float_data(dense_b, h, "dense bias"), hidden.data(), rows);
-  const float al = static_cast<float>(alpha);
-  const float* ap = a.data_ptr<float>();
+  const OutputOperands p = output_operands(h, heads, hn, dense_w, dense_scale, dense_b, ln_w, ln_b, eps, up_w,
+                                           up_scale, up_b, down_w, down_scale, down_b);
   auto out = torch::empty_like(a);
-  float* m = out.data_ptr<float>();  // holds m until the last step turns it into the output
-  const float* w = float_data(ln_w, h, "layernorm weight");
-  const float* b = float_data(ln_b, h, "layernorm bias");
-  for (int64_t i = 0; i < rows * h; ++i) hidden[i] += al * ap[i];
-  for (int64_t r = 0; r < rows; ++r) block::layer_norm(hidden.data() + r * h, w, b, static_cast<float>(eps), h, m + r * h);
-  linear_into(m, up, float_data(up_b, 2 * f, "up bias"), up_out.data(), rows);
-  for (int64_t r = 0; r < rows; ++r) block::geglu(up_out.data() + r * 2 * f, f, gated.data() + r * f);
-  linear_into(gated.data(), down, float_data(down_b, h, "down bias"), hidden.data(), rows);
-  for (int64_t i = 0; i < rows * h; ++i) m[i] = al * m[i] + hidden[i];
+  attention_output_into(a.data_ptr<float>(), qkv.data_ptr<float>(), groups, width, h, heads, hn, view_of(keys),
+                        view_of(values), bias_view(bias, groups, width, length), length, static_cast<float>(alpha), p,
+                        out.data_ptr<float>());
+  return out;
+}
+
+// The whole block for x [G, W, h] in one call, the cache write included: attention_input, then row (g, w)'s
+// new key and value written at column columns[g, w] of the cache buffers keys / values [>= G, nh, T, hn]
+// (contiguous), then attention_output over their first `length` columns.
+torch::Tensor decode_block(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                           const torch::Tensor& bias, const torch::Tensor& keys, const torch::Tensor& values,
+                           const torch::Tensor& columns, int64_t length, double alpha, int64_t heads,
+                           const torch::Tensor& ln1_w, const torch::Tensor& ln1_b, double eps1, const torch::Tensor& qkv_w,
+                           const c10::optional<torch::Tensor>& qkv_scale, const c10::optional<torch::Tensor>& qkv_b,
+                           const torch::Tensor& dense_w, const c10::optional<torch::Tensor>& dense_scale,
+                           const c10::optional<torch::Tensor>& dense_b, const torch::Tensor& ln2_w,
+                           const torch::Tensor& ln2_b, double eps2, const torch::Tensor& up_w,
+                           const c10::optional<torch::Tensor>& up_scale, const c10::optional<torch::Tensor>& up_b,
+                           const torch::Tensor& down_w, const c10::optional<torch::Tensor>& down_scale,
+                           const c10::optional<torch::Tensor>& down_b) {
+  TORCH_CHECK(x.dim() == 3, "x: [G, W, h]");
+  const int64_t groups = x.size(0), width = x.size(1), h = x.size(2), rows = groups * width;
+  const int64_t qkv_width = qkv_w.size(0), hn = qkv_width / (3 * heads);
+  rows_of(x, h, "x");
+  const Weight qkv_weight = weight_of(qkv_w, qkv_scale, h, "qkv weight");
+  TORCH_CHECK(qkv_width == 3 * heads * hn && hn % 2 == 0, "qkv weight: 3 x heads x head_dim rows");
+  for (const auto* t : {&keys, &values})
+    TORCH_CHECK(t->dtype() == torch::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) >= groups &&
+                    t->size(1) == heads && t->size(3) == hn && t->size(2) >= length,
+                "cache keys, values: float32 [>= G, heads, >= length, head_dim], contiguous");
+  TORCH_CHECK(columns.dtype() == torch::kLong && columns.dim() == 2 && columns.size(0) == groups &&
+                  columns.size(1) == width,
+              "columns: int64 [G, W]");
+  const OutputOperands p = output_operands(h, heads, hn, dense_w, dense_scale, dense_b, ln2_w, ln2_b, eps2, up_w,
+                                           up_scale, up_b, down_w, down_scale, down_b);
+  const block::Strided4 bias_at = bias_view(bias, groups, width, length);
+  const auto column = columns.accessor<int64_t, 2>();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t w = 0; w < width; ++w)
+      TORCH_CHECK(column[g][w] >= 0 && column[g][w] < length, "columns: each within the attended length");
+  std::vector<float> a(rows * h), qkv(rows * qkv_width);
+  attention_input_into(x.data_ptr<float>(), rows, h, float_data(ln1_w, h, "layernorm weight"),
+                       float_data(ln1_b, h, "layernorm bias"), static_cast<float>(eps1), qkv_weight,
+                       float_data(qkv_b, qkv_width, "qkv bias"), rotary_table(cos, rows, hn, "cos"),
+                       rotary_table(sin, rows, hn, "sin"), heads, hn, a.data(), qkv.data());
+  const block::Strided4 k = view_of(keys), v = view_of(values);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t w = 0; w < width; ++w)
+      for (int64_t n = 0; n < heads; ++n) {
+        const float* source = qkv.data() + (g * width + w) * qkv_width + n * 3 * hn;
+        std::copy(source + hn, source + 2 * hn, const_cast<float*>(k.at(g, n, column[g][w])));
+        std::copy(source + 2 * hn, source + 3 * hn, const_cast<float*>(v.at(g, n, column[g][w])));
+      }
+  auto out = torch::empty_like(x);
+  attention_output_into(a.data(), qkv.data(), groups, width, h, heads, hn, k, v, bias_at, length,
+                        static_cast<float>(alpha), p, out.data_ptr<float>());
   return out;
 }
 
@@ -236,4 +343,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bits"));
   m.def("attention_input", &attention_input, "LayerNorm, qkv matmul and rotary of a GLM block (decode)");
   m.def("attention_output", &attention_output, "attention, dense, residuals, LayerNorm and GeGLU (decode)");
+  m.def("decode_block", &decode_block, "a whole GLM block for a few rows, the KV-cache write included (decode)");
 }
