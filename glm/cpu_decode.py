@@ -136,7 +136,8 @@ def block_forward(
         )  # fmt: skip
     b, s, _ = x.shape
     hn = attention.head_dim
-    a, qkv = kernels.attention_input(x.contiguous(), *norm1, *qkv_linear, cos.contiguous(), sin.contiguous(), nh)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    a, qkv = kernels.attention_input(x.contiguous(), *norm1, *qkv_linear, cos, sin, nh)
     heads = qkv.view(b, s, nh, 3, hn)
     k, v = heads[:, :, :, 1].transpose(1, 2), heads[:, :, :, 2].transpose(1, 2)  # [b, nh, s, hn]
     if cache is not None:

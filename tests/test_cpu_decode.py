@@ -103,7 +103,8 @@ def test_a_masked_key_is_never_read():
 
 
 class UpdateOnly:
-    """A cache with `update` only (as the prefix-tuning caches): the fused block runs in two calls around it."""
+    """A cache with `update` only (as the prefix-tuning caches): the fused block runs in two calls
+    around it."""
 
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
@@ -119,7 +120,8 @@ def test_the_one_call_block_equals_the_two_calls_around_update(batch, width, cac
     # Cache.update give the same bits, output and cache alike.
     config, block = random_block(torch.float16, seed=7)
     x, cos, sin, keys, values, bias = inputs(config, batch, width, cached, seed=1)
-    one_call, two_calls = cache_of(keys, values, width, torch.float32), cache_of(keys, values, width, torch.float32)
+    one_call = cache_of(keys, values, width, torch.float32)
+    two_calls = cache_of(keys, values, width, torch.float32)
     assert one_call.decode_slots(0, x) is not None
     one_call.length = cached  # decode_slots counted the tokens as written
     with torch.no_grad():
