@@ -13,6 +13,7 @@ torch.compile it is the custom op `glm::linear`, so the compiled decode step kee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -75,6 +76,24 @@ def quantized_linear(x: Tensor, weight: Tensor, scale: Tensor, bits: int) -> Ten
         return None
     kernels = native()
     return None if kernels is None else kernels.quantized_linear(x, weight, scale, bits)
+
+
+def unique_argmax(scores: Tensor, skip: Sequence[slice], floor: float) -> Tensor | None:
+    """Each row's argmax [N] for scores [N, V], where every row's largest value occurs once, is a number and
+    lies above `floor`, the columns in the `skip` slices left out; None where some row's does not or the
+    native kernels do not apply (the caller then decides with torch ops)."""
+    kernels = native()
+    if kernels is None or scores.dtype != torch.float32 or not scores.is_cpu or not scores.is_contiguous():
+        return None
+    vocab = scores.shape[-1]
+    bounds = []
+    for part in skip:
+        start, stop, step = part.indices(vocab)
+        if step != 1:
+            return None
+        bounds += [start, stop]
+    index, all_found = kernels.unique_argmax(scores, bounds, floor)
+    return index if all_found else None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from glm.cpu_matmul import native, unique_argmax
 from glm.decoding.strategies import (
     FILTER_VALUE,
     BaseStrategy,
@@ -410,3 +411,41 @@ def test_top_k_1_is_the_argmax_and_draws_among_tied_maxima():
     strategy = BaseStrategy(1, top_k=1, invalid_slices=[slice(1, 2)])
     out, _ = strategy.forward(logits[:1], tokens[:1])
     assert out[0, 0, -1] == 3  # the invalid maximum is skipped
+
+
+def reference_unique_argmax(scores: torch.Tensor, skip, floor: float) -> torch.Tensor | None:
+    """The torch ops the native pass replaces: argmax where unique, finite and above `floor`."""
+    scores = scores.clone()
+    for part in skip:
+        scores[:, part] = float("-inf")
+    best, index = scores.max(dim=-1)
+    unique = (scores == best[:, None]).sum(dim=-1) == 1
+    if not bool((unique & (best > floor) & ~best.isnan()).all()):
+        return None
+    return index
+
+
+@pytest.mark.skipif(native() is None, reason="no AVX2 or no compiler: the torch ops decide")
+@pytest.mark.parametrize("case", ["random", "tie", "nan", "skipped max", "all below floor", "skipped tie"])
+def test_the_native_unique_argmax_agrees_with_torch(case):
+    generator = torch.Generator().manual_seed(len(case))
+    scores = torch.randn(3, 1000, generator=generator)
+    skip: list[slice] = []
+    if case == "tie":
+        scores[1, 17] = scores[1, 900] = scores[1].max() + 1
+    if case == "nan":
+        scores[2, 5] = float("nan")
+    if case == "skipped max":
+        scores[0, 40] = 100.0
+        skip = [slice(30, 50), slice(990, None)]
+    if case == "all below floor":
+        scores[1] = FILTER_VALUE - 1
+    if case == "skipped tie":  # the tie lies in a skipped range: the maximum is unique
+        scores[2, 3] = scores[2, 4] = 100.0
+        skip = [slice(0, 10)]
+    got = unique_argmax(scores, skip, FILTER_VALUE)
+    expected = reference_unique_argmax(scores, skip, FILTER_VALUE)
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        assert torch.equal(got, expected)
+    assert (expected is None) == (case in ("tie", "nan", "all below floor"))

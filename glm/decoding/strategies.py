@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glm.cpu_matmul import unique_argmax
+
 FILTER_VALUE = -65504.0  # the original's value for removed logits (the fp16 minimum)
 NEG_INF = float("-inf")
 
@@ -134,6 +136,9 @@ class BaseStrategy:
         scores = logits.reshape(-1, logits.shape[-1])
         if scores.shape[-1] < 2:
             return None
+        found = unique_argmax(scores, self.invalid_slices, FILTER_VALUE)  # one native pass, where it applies
+        if found is not None:
+            return found
         if self.invalid_slices:
             scores = scores.clone()
             for invalid in self.invalid_slices:

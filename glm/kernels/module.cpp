@@ -336,6 +336,44 @@ torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weig
   return y;
 }
 
+// For each row of scores [N, V] (float32, contiguous): the index of its largest value where that value occurs
+// once, is a number and lies above `floor`, else -1 (the caller settles such rows its own way); columns inside
+// the [start, stop) pairs of `skip` count as absent. Also whether every row found one. Greedy decoding's argmax
+// in one pass instead of the ~8 torch ops (~150 us at a 16 k vocabulary) that check for ties.
+std::tuple<torch::Tensor, bool> unique_argmax(const torch::Tensor& scores, const std::vector<int64_t>& skip,
+                                              double floor) {
+  TORCH_CHECK(scores.dtype() == torch::kFloat && scores.dim() == 2 && scores.is_contiguous(),
+              "scores: float32 [N, V], contiguous");
+  TORCH_CHECK(skip.size() % 2 == 0, "skip: [start, stop) pairs");
+  const int64_t rows = scores.size(0), v = scores.size(1);
+  std::vector<char> absent(skip.empty() ? 0 : v, 0);
+  for (size_t i = 0; i < skip.size(); i += 2)
+    for (int64_t j = std::max<int64_t>(skip[i], 0); j < std::min(skip[i + 1], v); ++j) absent[j] = 1;
+  auto out = torch::empty({rows}, scores.options().dtype(torch::kLong));
+  int64_t* index = out.data_ptr<int64_t>();
+  bool all_found = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = scores.data_ptr<float>() + r * v;
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t at = -1, count = 0;
+    bool nan = false;
+    for (int64_t j = 0; j < v; ++j) {
+      if (!absent.empty() && absent[j]) continue;
+      const float value = row[j];
+      nan |= value != value;
+      if (value > best) {
+        best = value, at = j, count = 1;
+      } else if (value == best) {
+        ++count;
+      }
+    }
+    const bool found = !nan && count == 1 && best > static_cast<float>(floor);
+    index[r] = found ? at : -1;
+    all_found &= found;
+  }
+  return {out, all_found};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x W^T (+ bias) for fp32 rows; fp32, fp16 or bf16 weights, or INT8 / INT4 with a scale",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("scale") = py::none());
@@ -343,5 +381,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bits"));
   m.def("attention_input", &attention_input, "LayerNorm, qkv matmul and rotary of a GLM block (decode)");
   m.def("attention_output", &attention_output, "attention, dense, residuals, LayerNorm and GeGLU (decode)");
+  m.def("unique_argmax", &unique_argmax, "each row's argmax where unique (greedy decoding)", py::arg("scores"),
+        py::arg("skip"), py::arg("floor"));
   m.def("decode_block", &decode_block, "a whole GLM block for a few rows, the KV-cache write included (decode)");
 }
