@@ -105,10 +105,37 @@ def _inverse_frequencies(head_dim: int, base: float, device: torch.device) -> Te
     return 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
 
 
+LOOKUP_MAX_TOKENS = 64  # up to this many positions (decode steps), rotary_tables looks them up in a table
+
+
 def rotary_tables(
     position_ids: Tensor, head_dim: int, base: float, fp16_tables: bool, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin [b, s, 1, hn] for arbitrary per-token positions (GPT-NeoX half-split layout)."""
+    """cos and sin [b, s, 1, hn] for arbitrary per-token positions [b, s] (GPT-NeoX half-split layout).
+
+    A CPU decode step's few positions are rows of a table of positions 0 .. 2^n - 1 made once (by
+    `_rotary_from_positions` too: a few gathers instead of a dozen small ops every step)."""
+    few = position_ids.numel() <= LOOKUP_MAX_TOKENS
+    if few and position_ids.is_cpu and not torch.compiler.is_compiling():
+        low, high = position_ids.aminmax()
+        if int(low) >= 0:
+            length = max(LOOKUP_MAX_TOKENS, 1 << int(high).bit_length())
+            cos, sin = _rotary_table(length, head_dim, base, fp16_tables, dtype)  # [length, 1, hn]
+            return cos[position_ids], sin[position_ids]
+    return _rotary_from_positions(position_ids, head_dim, base, fp16_tables, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _rotary_table(
+    length: int, head_dim: int, base: float, fp16_tables: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    cos, sin = _rotary_from_positions(torch.arange(length)[None], head_dim, base, fp16_tables, dtype)
+    return cos[0], sin[0]
+
+
+def _rotary_from_positions(
+    position_ids: Tensor, head_dim: int, base: float, fp16_tables: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     inv_freq = _inverse_frequencies(head_dim, base, position_ids.device)
     if fp16_tables:  # SAT 0.2.12: positions, frequencies and their product in fp16
         angles = (position_ids.half()[..., None] * inv_freq.half()).float()

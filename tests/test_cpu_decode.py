@@ -14,7 +14,7 @@ import quantization.cpu
 from glm import cpu_decode
 from glm.cpu_matmul import native, quantized_linear
 from glm.decoding.rows import Rows
-from glm.model import GLM, KVCache, Linear, init_random_weights, rotary_tables
+from glm.model import GLM, KVCache, Linear, _rotary_from_positions, init_random_weights, rotary_tables
 from quantization import QuantizationSpec
 from quantization.layers import QuantizedLinear
 
@@ -271,3 +271,16 @@ def test_a_quantized_layer_outside_the_cpu_kernel_runs_the_modules():
     handle.remove()
     block.mlp.dense_4h_to_h.set_kernel(lambda x, w, s: x)  # a kernel of its own
     assert not cpu_decode.applies(block, x, bias, Linear)
+
+
+@pytest.mark.parametrize("fp16_tables", [False, True])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_a_decode_steps_rotary_rows_are_looked_up_with_the_same_bits(fp16_tables, head_dim):
+    # A few positions are rows of a table made once; the elementwise formula gives the same bits at any
+    # position of any tensor, so looking up equals computing.
+    positions = torch.randint(0, 3000, (4, 3), generator=torch.Generator().manual_seed(head_dim))
+    looked_up = rotary_tables(positions, head_dim, 10000.0, fp16_tables, torch.float32)
+    computed = _rotary_from_positions(positions, head_dim, 10000.0, fp16_tables, torch.float32)
+    for got, expected in zip(looked_up, computed, strict=True):
+        assert got.shape == (4, 3, 1, head_dim)
+        assert torch.equal(got, expected)

@@ -116,6 +116,7 @@ class BaseStrategy:
         self.end_tokens = tuple(end_tokens)
         self.generator = generator
         self._done = torch.zeros(batch_size, dtype=torch.bool)
+        self._end_ids: tuple[tuple[int, ...], Tensor] | None = None  # end_tokens and that tensor
 
     @property
     def is_done(self) -> bool:
@@ -175,9 +176,13 @@ class BaseStrategy:
             pred = self._draw(logits)
         done = self._done.to(pred.device)  # [batch_size]
         pred = torch.where(done[:batch], -1, pred)  # finished rows get the -1 pad
-        ended = torch.isin(pred, torch.tensor(self.end_tokens, dtype=pred.dtype, device=pred.device))  # [B]
-        done[:batch] |= ended
-        done[batch:] = True  # rows the caller no longer passes count as done (as the original)
+        known = self._end_ids
+        if known is None or known[0] != self.end_tokens or known[1].device != pred.device:
+            ids = torch.tensor(self.end_tokens, dtype=pred.dtype, device=pred.device)
+            known = self._end_ids = (self.end_tokens, ids)
+        done[:batch] |= torch.isin(pred, known[1])  # [B]
+        if batch < self.batch_size:
+            done[batch:] = True  # rows the caller no longer passes count as done (as the original)
         self._done = done
         tokens = torch.cat((tokens, pred.view(batch, 1, 1).to(tokens.dtype)), dim=-1)  # [B, 1, L+1]
         return tokens, None
