@@ -1,14 +1,15 @@
-"""The fused decode block (glm/kernels/decode_block.h): a GLM block for a few fp32 rows in two native calls.
+"""The fused decode block (glm/kernels/decode_block.h): a GLM block for a few fp32 rows in one native call.
 
 A decode step is slowed by the small ops between its matmuls: the bundled 17 M model spent 2.4 of its 5.9
 ms a step outside them (bench/results/engine.md), a glm-600m INT4 step about a third of its time.
-`block_forward` runs LayerNorm, the qkv matmul and rotary in one call, lets the cache write the new keys
-and values as it always does (`Cache.update`, any layout), and runs attention, the dense matmul, the
-residuals, the second LayerNorm and GeGLU in a second call. It applies where the block is plain: its
-linears dense (fp32, fp16 or bf16 weights) or quantized for the CPU's own INT8 / INT4 kernel (compiled into
-the block too, so a quantized matmul gives the layer's bits), none tensor-parallel, no hooks on the
-block's parts (offload streams its linears through hooks); the activations fp32 on the CPU, the rows few
-(<= NATIVE_MAX_ROWS), no autograd graph recorded and torch.compile not tracing. Elsewhere
+`block_forward` runs the whole block in `decode_block`: LayerNorm, the qkv matmul and rotary, the write of
+the new keys and values into the cache's buffers (where the cache's `decode_slots` says, glm.model.Cache),
+attention, the dense matmul, the residuals, the second LayerNorm and GeGLU. A cache without
+`decode_slots` (the prefix-tuning caches) gets two calls around its `update`. It applies where the block is
+plain: its linears dense (fp32, fp16 or bf16 weights) or quantized for the CPU's own INT8 / INT4 kernel
+(compiled into the block too, so a quantized matmul gives the layer's bits), none tensor-parallel, no
+hooks on the block's parts (offload streams its linears through hooks); the activations fp32 on the CPU,
+the rows few (<= NATIVE_MAX_ROWS), no autograd graph recorded and torch.compile not tracing. Elsewhere
 GLMBlock.forward runs the modules.
 
 On by default; GLM_FUSED_DECODE=0 runs the modules everywhere. The two agree to fp32 rounding, not bit for

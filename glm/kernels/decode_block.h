@@ -1,13 +1,13 @@
-// One GLM block for a few rows (decode), everything but the KV-cache write in two native calls.
+// The pieces of one GLM block for a few rows (decode); glm/kernels/module.cpp strings them together.
 //
 // A decode step of a small model is bound by the ~25 small ops around its matmuls (layer norms, rotary,
 // attention over the cache, GeGLU, residuals), each a torch op of 5-60 us from Python. Here they run in
-// place on the rows between the matmuls: `attention_input` is LayerNorm, the query-key-value matmul and
-// rotary on q and k; the caller writes k and v into its cache (any layout) and hands back the keys and
-// values to attend to; `attention_output` is attention, the dense matmul, the DeepNorm residual, the second
-// LayerNorm, GeGLU and its residual. fp32 throughout, the same formulas as glm/model.py (erf GeLU,
-// biased-variance LayerNorm, softmax(q k^T / sqrt(hn) + bias)), so results equal the module path's up to
-// the order of summation.
+// place on the rows between the matmuls. module.cpp's `decode_block` runs the whole block in one call:
+// LayerNorm, the query-key-value matmul and rotary on q and k, the write of k and v into the cache's
+// buffers, then attention, the dense matmul, the DeepNorm residual, the second LayerNorm, GeGLU and its
+// residual. `attention_input` and `attention_output` are its two halves, for a cache that writes itself.
+// fp32 throughout, the same formulas as glm/model.py (erf GeLU, biased-variance LayerNorm, softmax(q k^T /
+// sqrt(hn) + bias)), so results equal the module path's up to the order of summation.
 #pragma once
 
 #include <ATen/Parallel.h>
